@@ -1,0 +1,60 @@
+# Set-up and everyday commands. Everything installs into .venv (created on demand).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+# make run
+HOST ?= 127.0.0.1
+PORT ?= 8000
+BUNDLE ?=
+
+# make model
+SOURCE ?= google-bert/bert-base-chinese
+OUT ?= out/bundle
+VOCAB ?=
+CORPUS ?=
+RANDOM_INIT ?=
+
+.PHONY: run test model venv venv-dev browser dist arm-check bench clean help
+
+help:
+	@echo "make run    - serve the embedded default model on http://$(HOST):$(PORT)/"
+	@echo "make test   - install everything and run the test suite"
+	@echo "make model SOURCE=<hub id|folder> OUT=<dir> [VOCAB=n] [CORPUS=path] [RANDOM_INIT=1]"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# Runtime only (what a board installs).
+$(VENV)/.runtime-stamp: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+# Runtime + toolchain + test dependencies (a workstation / CI).
+$(VENV)/.dev-stamp: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[tools,test]'
+	touch $@ $(VENV)/.runtime-stamp
+
+venv: $(VENV)/.runtime-stamp
+venv-dev: $(VENV)/.dev-stamp
+
+run: $(VENV)/.runtime-stamp
+	$(BIN)/python -m edge serve --host $(HOST) --port $(PORT) $(if $(BUNDLE),--bundle $(BUNDLE))
+
+# Debian's chromium + chromedriver for the kiosk-page browser test (skipped without them).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) || \
+	    echo "note: chromium/chromedriver not installed: the browser test will be skipped"; }
+
+test: $(VENV)/.dev-stamp browser
+	$(BIN)/python -m pytest -q
+
+model: $(VENV)/.dev-stamp
+	$(BIN)/python -m tools build --source $(SOURCE) --out $(OUT) \
+	  $(if $(VOCAB),--vocab $(VOCAB)) $(if $(CORPUS),--corpus $(CORPUS)) $(if $(RANDOM_INIT),--random-init)
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache

@@ -1,0 +1,191 @@
+"""Micro-batching: one worker thread owns the ONNX Runtime session.
+
+Callers submit *rows* (a token-id sequence and the positions whose logits they
+want) and block until their logits come back. The worker takes the first waiting
+request, waits up to ``window_ms`` for more, pads them into one batch (sequence
+length rounded up to a bucket, so the session sees few distinct shapes and its
+memory arena stops growing) and runs the session once. A row's result does not
+depend on which other rows share its batch: padding is masked out by the
+attention mask, and every row is padded to the same bucket either way.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512)
+
+
+@dataclass
+class Row:
+    """One sequence to run: token ids and the positions to read logits at."""
+
+    ids: Sequence[int]
+    positions: Sequence[int]
+
+
+@dataclass
+class _Request:
+    rows: list[Row]
+    future: Future = field(default_factory=Future)
+
+
+def bucket_length(length: int, buckets: Sequence[int]) -> int:
+    """Smallest bucket >= length (or length itself past the largest bucket)."""
+    for size in buckets:
+        if length <= size:
+            return size
+    return length
+
+
+def pad_rows(rows: Sequence[Row], buckets: Sequence[int], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pad rows into (input_ids, attention_mask, mask_positions) int64 arrays."""
+    seq = bucket_length(max(len(r.ids) for r in rows), buckets)
+    n_pos = max(len(r.positions) for r in rows)
+    input_ids = np.full((len(rows), seq), pad_id, dtype=np.int64)
+    attention = np.zeros((len(rows), seq), dtype=np.int64)
+    positions = np.zeros((len(rows), n_pos), dtype=np.int64)  # extra slots read [CLS]; ignored
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row.ids)] = row.ids
+        attention[i, : len(row.ids)] = 1
+        positions[i, : len(row.positions)] = row.positions
+    return input_ids, attention, positions
+
+
+class MicroBatcher:
+    """Collects concurrent requests for a short window and runs them as one batch.
+
+    ``run_batch(input_ids, attention_mask, mask_positions) -> logits`` is called
+    only from the worker thread. ``max_rows`` bounds a batch; a single request with
+    more rows than that is still run whole (its rows belong together).
+    """
+
+    def __init__(
+        self,
+        run_batch: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray],
+        pad_id: int,
+        window_ms: float = 2.0,
+        max_rows: int = 16,
+        buckets: Sequence[int] = DEFAULT_BUCKETS,
+        on_thread_start: Callable[[], None] | None = None,
+    ):
+        if window_ms < 0:
+            raise ValueError(f"batch window must be >= 0 ms, got {window_ms}")
+        if max_rows < 1:
+            raise ValueError(f"max batch must be >= 1, got {max_rows}")
+        self.run_batch = run_batch
+        self.pad_id = pad_id
+        self.window_s = window_ms / 1000.0
+        self.max_rows = max_rows
+        self.buckets = tuple(buckets)
+        self._on_thread_start = on_thread_start
+        self._queue: queue.Queue[_Request | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self.batches_total = 0
+        self.inferences_total = 0  # rows run
+        self.batch_size_counts: dict[int, int] = {}  # requests per batch -> count
+        self._closed = False
+        self._thread = threading.Thread(target=self._worker, name="ort-worker", daemon=True)
+        self._thread.start()
+
+    def submit(self, rows: list[Row], timeout: float | None = 60.0) -> list[np.ndarray]:
+        """Run ``rows`` (in some batch) and return each row's logits ``[n_positions, vocab]``."""
+        if self._closed:
+            raise RuntimeError("the inference worker is shut down")
+        request = _Request(rows=list(rows))
+        self._queue.put(request)
+        return request.future.result(timeout=timeout)
+
+    def close(self) -> None:
+        """Stop the worker after the requests already queued."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+            self._thread.join(timeout=10)
+
+    def stats(self) -> dict:
+        """Counters for /metrics."""
+        with self._lock:
+            return {
+                "batches_total": self.batches_total,
+                "inferences_total": self.inferences_total,
+                "batch_size_counts": dict(self.batch_size_counts),
+            }
+
+    # -- worker ----------------------------------------------------------------
+    def _collect(self, first: _Request) -> tuple[list[_Request], bool]:
+        """Gather requests arriving within the window after ``first``."""
+        batch = [first]
+        rows = len(first.rows)
+        deadline = time.monotonic() + self.window_s
+        stop = False
+        while rows < self.max_rows:
+            remaining = deadline - time.monotonic()
+            try:
+                item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                stop = True
+                break
+            if rows + len(item.rows) > self.max_rows:
+                # Doesn't fit: run it in the next batch, first in line.
+                self._carry = item
+                break
+            batch.append(item)
+            rows += len(item.rows)
+        return batch, stop
+
+    def _worker(self) -> None:
+        if self._on_thread_start is not None:
+            self._on_thread_start()
+        self._carry: _Request | None = None
+        stop = False
+        while not stop:
+            first = self._carry if self._carry is not None else self._queue.get()
+            self._carry = None
+            if first is None:
+                break
+            batch, stop = self._collect(first)
+            self._run(batch)
+        # Fail whatever is left so no caller waits forever.
+        while True:
+            try:
+                item = self._carry or self._queue.get_nowait()
+                self._carry = None
+            except queue.Empty:
+                break
+            if item is not None and not item.future.done():
+                item.future.set_exception(RuntimeError("the inference worker is shut down"))
+
+    def _run(self, batch: list[_Request]) -> None:
+        rows = [row for request in batch for row in request.rows]
+        try:
+            arrays = pad_rows(rows, self.buckets, self.pad_id)
+            logits = self.run_batch(*arrays)
+        except Exception as exc:  # a failure answers every waiting caller
+            log.exception("inference failed for a batch of %d rows", len(rows))
+            for request in batch:
+                request.future.set_exception(exc)
+            return
+        with self._lock:
+            self.batches_total += 1
+            self.inferences_total += len(rows)
+            self.batch_size_counts[len(batch)] = self.batch_size_counts.get(len(batch), 0) + 1
+        offset = 0
+        for request in batch:
+            out = []
+            for row in request.rows:
+                out.append(logits[offset, : len(row.positions)])
+                offset += 1
+            request.future.set_result(out)

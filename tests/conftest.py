@@ -1,0 +1,29 @@
+"""Shared fixtures: the committed tiny bundle and the location of ../shared."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+SHARED = ROOT.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_dir() -> Path:
+    """The committed tiny INT8 bundle (made by tests/make_tiny_checkpoint.py)."""
+    path = Path(os.environ.get("TINY_BUNDLE", FIXTURES / "tiny_bundle"))
+    if not (path / "manifest.json").is_file():
+        pytest.skip(f"tiny bundle fixture missing at {path}: run python tests/make_tiny_checkpoint.py")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """../shared (data and the real bert-base-chinese config); skip when absent."""
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} is not present (the shared data folder is beside the repo in CI)")
+    return SHARED

@@ -1,0 +1,278 @@
+"""The engine on the committed tiny bundle: parsing, joint scoring, batching, cache, errors.
+
+The tiny model has random weights, so these tests check the mechanics against
+independent computations (direct ONNX Runtime runs, exhaustive enumeration), not
+the quality of the answers (that is tests/test_default_model.py's job).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import threading
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from edge.blanks import find_blanks
+from edge.bundle import BundleError, load_bundle
+from edge.engine import LOW_CONFIDENCE_HINT, Engine, InputError
+
+POEM = "床前明月光，疑是地[MASK]霜。"
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_bundle_dir):
+    eng = Engine.from_bundle(tiny_bundle_dir, threads=1, batch_window_ms=0.0, cache_size=0)
+    yield eng
+    eng.close()
+
+
+def direct_logits(engine, ids, positions):
+    """Run the bundle's ONNX model directly (no batcher, no padding)."""
+    session = ort.InferenceSession(str(engine.bundle.model_path), providers=["CPUExecutionProvider"])
+    return session.run(None, {
+        "input_ids": np.array([ids], dtype=np.int64),
+        "attention_mask": np.ones((1, len(ids)), dtype=np.int64),
+        "mask_positions": np.array([positions], dtype=np.int64),
+    })[0][0]
+
+
+def valid_softmax(engine, logits):
+    x = np.where(engine.invalid, -np.inf, logits.astype(np.float64))
+    p = np.exp(x - x.max())
+    return p / p.sum()
+
+
+def test_find_blanks_groups_adjacent_masks():
+    segments, blanks = find_blanks("他[MASK][mask] [MASK]好，我［MASK］。")
+    assert [b.n_masks for b in blanks] == [3, 1]
+    assert segments == ["他", "好，我", "。"]
+    assert blanks[0].start == 1 and blanks[1].start == len("他[MASK][mask] [MASK]好，我")
+
+
+def test_single_blank_matches_direct_onnx_run(engine):
+    result = engine.predict(POEM, top_k=5)
+    (blank,) = result["blanks"]
+    assert blank["start"] == POEM.index("[MASK]") and blank["length"] == 1
+    ids = [engine.cls_id] + engine.tokenizer.encode("床前明月光，疑是地", add_special_tokens=False).ids
+    position = len(ids)
+    ids += [engine.mask_id] + engine.tokenizer.encode("霜。", add_special_tokens=False).ids + [engine.sep_id]
+    probs = valid_softmax(engine, direct_logits(engine, ids, [position])[0])
+    expected = np.argsort(-probs)[:5]
+    assert [c["text"] for c in blank["candidates"]] == [engine.id_to_token[i] for i in expected]
+    for cand, index in zip(blank["candidates"], expected):
+        assert cand["score"] == pytest.approx(probs[index], rel=1e-3)
+    assert result["model"]["random_init"] is True
+    assert result["truncated"] is False and result["cached"] is False
+
+
+def test_candidates_never_special_or_wordpiece(engine):
+    result = engine.predict("[MASK][MASK]是[MASK]", top_k=20)
+    specials = {"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"}
+    for blank in result["blanks"]:
+        for cand in blank["candidates"]:
+            assert cand["text"] not in specials
+            assert "##" not in cand["text"] and "[unused" not in cand["text"] and "[UNK]" not in cand["text"]
+
+
+def test_low_confidence_flag_and_hint(engine):
+    blank = engine.predict(POEM)["blanks"][0]
+    # A random tiny model spreads probability thinly: far under 0.6.
+    assert blank["candidates"][0]["score"] < 0.6
+    assert blank["low_confidence"] is True and blank["hint"] == LOW_CONFIDENCE_HINT
+
+
+def test_multichar_blank_scores_are_joint_chain_rule(engine):
+    text = "他做事总是[MASK][MASK]，让人放心。"
+    result = engine.predict(text, top_k=5)
+    candidates = result["blanks"][0]["candidates"]
+    assert result["blanks"][0]["length"] == 2
+    assert all(len(c["text"]) == 2 for c in candidates)
+    scores = [c["score"] for c in candidates]
+    assert scores == sorted(scores, reverse=True)
+    joint = engine.score_fillers(text, [c["text"] for c in candidates])
+    for cand, logp in zip(candidates, joint):
+        assert cand["score"] == pytest.approx(math.exp(logp), rel=1e-3)
+
+
+def test_wide_beam_equals_exhaustive_joint_search(tiny_bundle_dir):
+    """With a beam as wide as the vocabulary, beam search is exact: compare with enumeration."""
+    eng = Engine.from_bundle(tiny_bundle_dir, threads=1, batch_window_ms=0.0, cache_size=0, beam_width=600, max_batch=1024)
+    try:
+        text = "一[MASK][MASK]鸟"
+        got = eng.predict(text, top_k=3)["blanks"][0]["candidates"]
+        # Exhaustive: p(c1) * p(c2 | c1) for every valid c1, c2.
+        left = [eng.cls_id] + eng.tokenizer.encode("一", add_special_tokens=False).ids
+        right = eng.tokenizer.encode("鸟", add_special_tokens=False).ids + [eng.sep_id]
+        p1 = valid_softmax(eng, direct_logits(eng, left + [eng.mask_id, eng.mask_id] + right, [len(left)])[0])
+        valid = np.flatnonzero(~eng.invalid)
+        session = ort.InferenceSession(str(eng.bundle.model_path), providers=["CPUExecutionProvider"])
+        ids = np.array([left + [int(c), eng.mask_id] + right for c in valid], dtype=np.int64)
+        logits = session.run(None, {
+            "input_ids": ids, "attention_mask": np.ones_like(ids),
+            "mask_positions": np.full((len(valid), 1), len(left) + 1, dtype=np.int64),
+        })[0][:, 0]
+        joint = np.array([p1[c] * valid_softmax(eng, row) for c, row in zip(valid, logits)])
+        flat = np.argsort(-joint, axis=None)[:3]
+        expected = [(eng.id_to_token[valid[i // joint.shape[1]]] + eng.id_to_token[i % joint.shape[1]], joint.flat[i]) for i in flat]
+        assert [c["text"] for c in got] == [t for t, _ in expected]
+        for cand, (_, p) in zip(got, expected):
+            assert cand["score"] == pytest.approx(p, rel=1e-3)
+    finally:
+        eng.close()
+
+
+def test_several_blanks_are_consistent(engine):
+    text = "我们[MASK]去吃[MASK]吧。"
+    result = engine.predict(text, top_k=5)
+    a, b = result["blanks"]
+    # Easy-first: the blank answered second was answered given the first one's best fill.
+    first_is_a = a["candidates"][0]["score"] >= b["candidates"][0]["score"]
+    if first_is_a:
+        again = engine.predict(text.replace("[MASK]", a["candidates"][0]["text"], 1), top_k=5)
+        assert again["blanks"][0]["candidates"] == b["candidates"]
+    else:
+        tail = text.rsplit("[MASK]", 1)
+        again = engine.predict(tail[0] + b["candidates"][0]["text"] + tail[1], top_k=5)
+        assert again["blanks"][0]["candidates"] == a["candidates"]
+
+
+def test_blank_length_option_and_auto(engine):
+    fixed = engine.predict("今天天气很[MASK]。", blank_length=2)
+    assert fixed["blanks"][0]["length"] == 2
+    assert all(len(c["text"]) == 2 for c in fixed["blanks"][0]["candidates"])
+    auto = engine.predict("今天天气很[MASK]。", blank_length="auto", top_k=10)
+    lengths = {len(c["text"]) for c in auto["blanks"][0]["candidates"]}
+    assert lengths <= {1, 2, 3, 4}
+    scores = [c["score"] for c in auto["blanks"][0]["candidates"]]
+    assert scores == sorted(scores, reverse=True)
+    assert auto["blanks"][0]["length"] == len(auto["blanks"][0]["candidates"][0]["text"])
+
+
+def test_long_text_keeps_window_around_blank(engine):
+    filler = "我们一起去吃饭吧。" * 100  # far beyond the tiny model's window
+    text = filler + "床前明月光，疑是地[MASK]霜。" + filler
+    result = engine.predict(text)
+    assert result["truncated"] is True
+    assert result["blanks"][0]["start"] == text.index("[MASK]")
+    # The window is centred on the blank, so the answer matches the short context's
+    # model input only in length; the point is it answers instead of failing.
+    assert len(result["blanks"][0]["candidates"]) == 5
+
+
+@pytest.mark.parametrize(
+    "text,kwargs,code",
+    [
+        ("", {}, "empty_text"),
+        ("   ", {}, "empty_text"),
+        ("没有空格的句子。", {}, "no_blank"),
+        ("[MASK]" + "，[MASK]" * 8, {}, "too_many_blanks"),
+        ("好" * 5000 + "[MASK]", {}, "text_too_long"),
+        (POEM, {"top_k": 0}, "bad_top_k"),
+        (POEM, {"top_k": 21}, "bad_top_k"),
+        (POEM, {"top_k": "5"}, "bad_top_k"),
+        (POEM, {"blank_length": 9}, "bad_blank_length"),
+        (POEM, {"blank_length": "long"}, "bad_blank_length"),
+        ("他" + "[MASK]" * 9, {}, "bad_blank_length"),
+        (123, {}, "bad_text"),
+    ],
+)
+def test_bad_input_raises_input_error(engine, text, kwargs, code):
+    with pytest.raises(InputError) as info:
+        engine.predict(text, **kwargs)
+    assert info.value.code == code
+    assert info.value.message
+    # ...and the engine still answers afterwards.
+    assert engine.predict(POEM)["blanks"]
+
+
+def test_blanks_too_far_apart_for_the_window(engine):
+    text = "[MASK]" + "好" * (engine.window + 10) + "[MASK]"
+    with pytest.raises(InputError) as info:
+        engine.predict(text)
+    assert info.value.code == "text_too_long"
+
+
+def test_cache_answers_repeats(tiny_bundle_dir):
+    eng = Engine.from_bundle(tiny_bundle_dir, threads=1, cache_size=2)
+    try:
+        first = eng.predict(POEM)
+        second = eng.predict(POEM)
+        assert first["cached"] is False and second["cached"] is True
+        assert second["blanks"] == first["blanks"]
+        second["blanks"][0]["candidates"].clear()  # callers may mutate their copy
+        assert eng.predict(POEM)["blanks"] == first["blanks"]
+        assert eng.stats()["cache_hits"] == 2
+        eng.predict("今天[MASK]气很好。")
+        eng.predict("我们去吃[MASK]。")  # evicts the poem (size 2)
+        assert eng.predict(POEM)["cached"] is False
+    finally:
+        eng.close()
+
+
+def test_concurrent_requests_are_batched_with_identical_results(tiny_bundle_dir):
+    texts = [
+        POEM, "今天天气很[MASK]。", "我们一起去[MASK]饭吧。", "他做事总是[MASK][MASK][MASK][MASK]，让人放心。",
+        "[MASK]前明月光", "北京是中国的首[MASK]。", "她笑着说[MASK][MASK]。", "画蛇添[MASK]。",
+    ]
+    alone = Engine.from_bundle(tiny_bundle_dir, threads=1, batch_window_ms=0.0, cache_size=0)
+    expected = {t: alone.predict(t)["blanks"] for t in texts}
+    alone.close()
+
+    batched = Engine.from_bundle(tiny_bundle_dir, threads=1, batch_window_ms=50.0, max_batch=64, cache_size=0)
+    results: dict = {}
+    barrier = threading.Barrier(len(texts))
+
+    def ask(text):
+        barrier.wait()
+        results[text] = batched.predict(text)["blanks"]
+
+    threads = [threading.Thread(target=ask, args=(t,)) for t in texts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stats = batched.stats()
+    batched.close()
+    assert max(stats["batch_size_counts"]) > 1, stats  # requests really shared batches
+    for text in texts:
+        got, want = results[text], expected[text]
+        assert [[c["text"] for c in b["candidates"]] for b in got] == [[c["text"] for c in b["candidates"]] for b in want]
+        for gb, wb in zip(got, want):
+            for gc, wc in zip(gb["candidates"], wb["candidates"]):
+                assert gc["score"] == pytest.approx(wc["score"], rel=2e-2, abs=1e-6)
+
+
+def test_bundle_verification_names_file_and_values(tiny_bundle_dir, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle_dir, copy)
+    load_bundle(copy)  # intact copy loads
+    with open(copy / "tokenizer.json", "ab") as handle:
+        handle.write(b" ")
+    with pytest.raises(BundleError, match=r"tokenizer\.json: size mismatch: manifest says \d+ bytes, file has \d+"):
+        load_bundle(copy)
+    shutil.copy(tiny_bundle_dir / "tokenizer.json", copy / "tokenizer.json")
+    data = bytearray((copy / "model.onnx").read_bytes())
+    data[-1] ^= 0xFF
+    (copy / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"model\.onnx: sha256 mismatch: manifest says [0-9a-f]{64}, file has [0-9a-f]{64}"):
+        load_bundle(copy)
+    (copy / "model.onnx").unlink()
+    with pytest.raises(BundleError, match="model.onnx: missing"):
+        load_bundle(copy)
+    (copy / "manifest.json").unlink()
+    with pytest.raises(BundleError, match="manifest.json: missing"):
+        load_bundle(copy)
+    with pytest.raises(BundleError, match="does not exist"):
+        load_bundle(tmp_path / "nowhere")
+
+
+def test_info_and_stats(engine):
+    info = engine.info()
+    assert info["random_init"] is True and "RANDOM" in info["warning"]
+    assert info["vocab_size"] == engine.manifest.vocab_size
+    assert info["threads"] == 1
+    stats = engine.stats()
+    assert stats["batches_total"] >= 1 and stats["inferences_total"] >= stats["batches_total"]

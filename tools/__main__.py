@@ -1,0 +1,65 @@
+"""``python -m tools <command>``: the workstation toolchain.
+
+Each command lives in its own module exposing ``add_arguments(parser)`` and
+``run(args) -> int``; modules are imported only when their command runs, so
+``--help`` stays fast and a missing optional dependency only affects its command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from edge import __version__
+from tools import ToolError
+
+COMMANDS = {
+    "build": ("tools.build", "checkpoint → verified INT8 bundle (the whole pipeline)"),
+    "export": ("tools.export_onnx", "checkpoint → FP32 ONNX with logits at masked positions only"),
+    "trim": ("tools.trim_vocab", "trim the vocabulary of a checkpoint by corpus frequency"),
+    "quantize": ("tools.quantize", "FP32 ONNX → dynamic INT8 ONNX"),
+    "verify": ("tools.verify", "check a bundle against its source checkpoint"),
+    "pretrain": ("tools.pretrain", "train the compact Chinese masked-LM (whole-word masking)"),
+    "evaluate": ("tools.evaluate", "cloze and ChID accuracy of a bundle"),
+    "bench": ("tools.bench", "side-by-side latency / memory benchmark"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and run one toolchain command."""
+    parser = argparse.ArgumentParser(prog="python -m tools", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true", help="verbose logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    wanted = argv if argv is not None else sys.argv[1:]
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        # Only import the module whose command is being run (or all, for --help).
+        if name in wanted or not any(w in COMMANDS for w in wanted):
+            try:
+                module = importlib.import_module(module_name)
+            except ModuleNotFoundError as exc:
+                if exc.name and exc.name.startswith("tools."):
+                    continue  # command not built yet
+                raise
+            module.add_arguments(sub_parser)
+            sub_parser.set_defaults(_module=module)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stdout,
+    )
+    if not hasattr(args, "_module"):
+        parser.error(f"command {args.command!r} is not available")
+    try:
+        return int(args._module.run(args) or 0)
+    except ToolError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

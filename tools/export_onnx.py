@@ -1,0 +1,75 @@
+"""Export a Hugging Face masked-LM to ONNX with the vocabulary projection computed
+only at the masked positions (see the bundle contract in ``edge/manifest.py``)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from edge.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS, MASK_POSITIONS
+
+log = logging.getLogger(__name__)
+OPSET = 17
+
+
+class MaskedPositionsLM(torch.nn.Module):
+    """Wrap a ``*ForMaskedLM``: encoder over the whole sequence, MLM head only at
+    ``mask_positions`` (gathered before the head, so the ``hidden × vocab`` projection
+    runs for ``n_masks`` rows instead of ``seq``)."""
+
+    def __init__(self, mlm: torch.nn.Module):
+        super().__init__()
+        self.encoder = getattr(mlm, mlm.base_model_prefix)
+        heads = [m for name, m in mlm.named_children() if name != mlm.base_model_prefix]
+        if len(heads) != 1:
+            raise ValueError(f"cannot find the MLM head of {type(mlm).__name__}")
+        self.head = heads[0]
+
+    def forward(self, input_ids, attention_mask, mask_positions):
+        """Return logits ``[batch, n_masks, vocab]`` at ``mask_positions``."""
+        token_type_ids = torch.zeros_like(input_ids)
+        hidden = self.encoder(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        )[0]
+        index = mask_positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+        picked = torch.gather(hidden, 1, index)
+        return self.head(picked)
+
+
+def example_inputs(vocab_size: int, batch: int = 2, seq: int = 16, n_masks: int = 2, seed: int = 0):
+    """Seeded example inputs (ids avoid the special ids 0..4 region only loosely)."""
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(5, vocab_size, (batch, seq), generator=gen)
+    attention_mask = torch.ones(batch, seq, dtype=torch.long)
+    attention_mask[-1, seq - 3:] = 0  # some padding
+    mask_positions = torch.randint(1, seq - 3, (batch, n_masks), generator=gen)
+    return input_ids, attention_mask, mask_positions
+
+
+def export_onnx(mlm: torch.nn.Module, out_path: str | Path, opset: int = OPSET) -> Path:
+    """Export ``mlm`` (in eval mode) to ``out_path`` with dynamic batch/seq/n_masks."""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    wrapper = MaskedPositionsLM(mlm).eval()
+    inputs = example_inputs(mlm.config.vocab_size)
+    log.info("exporting ONNX (opset %d) to %s", opset, out_path)
+    with torch.no_grad():
+        torch.onnx.export(
+            wrapper,
+            inputs,
+            str(out_path),
+            input_names=[INPUT_IDS, ATTENTION_MASK, MASK_POSITIONS],
+            output_names=[LOGITS],
+            dynamic_axes={
+                INPUT_IDS: {0: "batch", 1: "seq"},
+                ATTENTION_MASK: {0: "batch", 1: "seq"},
+                MASK_POSITIONS: {0: "batch", 1: "n_masks"},
+                LOGITS: {0: "batch", 1: "n_masks"},
+            },
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    return out_path
