@@ -27,3 +27,13 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"{SHARED} is not present (the shared data folder is beside the repo in CI)")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def tiny_fp32_bundle_dir() -> Path:
+    """The FP32 twin of the tiny bundle: exact comparisons (INT8 dynamic quantization
+    scales activations per batch, so its logits move slightly with batch contents)."""
+    path = FIXTURES / "tiny_bundle-fp32"
+    if not (path / "manifest.json").is_file():
+        pytest.skip(f"FP32 tiny bundle fixture missing at {path}: run python tests/make_tiny_checkpoint.py")
+    return path

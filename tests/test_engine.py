@@ -23,8 +23,9 @@ POEM = "床前明月光，疑是地[MASK]霜。"
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_bundle_dir):
-    eng = Engine.from_bundle(tiny_bundle_dir, threads=1, batch_window_ms=0.0, cache_size=0)
+def engine(tiny_fp32_bundle_dir):
+    """The FP32 tiny bundle: exact comparisons with direct ONNX Runtime runs."""
+    eng = Engine.from_bundle(tiny_fp32_bundle_dir, threads=1, batch_window_ms=0.0, cache_size=0)
     yield eng
     eng.close()
 
@@ -97,9 +98,9 @@ def test_multichar_blank_scores_are_joint_chain_rule(engine):
         assert cand["score"] == pytest.approx(math.exp(logp), rel=1e-3)
 
 
-def test_wide_beam_equals_exhaustive_joint_search(tiny_bundle_dir):
+def test_wide_beam_equals_exhaustive_joint_search(tiny_fp32_bundle_dir):
     """With a beam as wide as the vocabulary, beam search is exact: compare with enumeration."""
-    eng = Engine.from_bundle(tiny_bundle_dir, threads=1, batch_window_ms=0.0, cache_size=0, beam_width=600, max_batch=1024)
+    eng = Engine.from_bundle(tiny_fp32_bundle_dir, threads=1, batch_window_ms=0.0, cache_size=0, beam_width=600, max_batch=1024)
     try:
         text = "一[MASK][MASK]鸟"
         got = eng.predict(text, top_k=3)["blanks"][0]["candidates"]
@@ -212,37 +213,59 @@ def test_cache_answers_repeats(tiny_bundle_dir):
         eng.close()
 
 
-def test_concurrent_requests_are_batched_with_identical_results(tiny_bundle_dir):
-    texts = [
-        POEM, "今天天气很[MASK]。", "我们一起去[MASK]饭吧。", "他做事总是[MASK][MASK][MASK][MASK]，让人放心。",
-        "[MASK]前明月光", "北京是中国的首[MASK]。", "她笑着说[MASK][MASK]。", "画蛇添[MASK]。",
-    ]
-    alone = Engine.from_bundle(tiny_bundle_dir, threads=1, batch_window_ms=0.0, cache_size=0)
-    expected = {t: alone.predict(t)["blanks"] for t in texts}
-    alone.close()
-
-    batched = Engine.from_bundle(tiny_bundle_dir, threads=1, batch_window_ms=50.0, max_batch=64, cache_size=0)
+def run_concurrently(bundle, texts, **settings):
+    """Ask all texts at once from as many threads; return answers and engine stats."""
+    eng = Engine.from_bundle(bundle, threads=1, cache_size=0, **settings)
     results: dict = {}
     barrier = threading.Barrier(len(texts))
 
     def ask(text):
         barrier.wait()
-        results[text] = batched.predict(text)["blanks"]
+        results[text] = eng.predict(text)["blanks"]
 
     threads = [threading.Thread(target=ask, args=(t,)) for t in texts]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    stats = batched.stats()
-    batched.close()
+    stats = eng.stats()
+    eng.close()
+    return results, stats
+
+
+BATCH_TEXTS = [
+    POEM, "今天天气很[MASK]。", "我们一起去[MASK]饭吧。", "他做事总是[MASK][MASK][MASK][MASK]，让人放心。",
+    "[MASK]前明月光", "北京是中国的首[MASK]。", "她笑着说[MASK][MASK]。", "画蛇添[MASK]。",
+]
+
+
+def test_concurrent_requests_are_batched_with_identical_results(tiny_fp32_bundle_dir):
+    """FP32: a row's logits do not depend on its batch mates, so answers are identical."""
+    expected, _ = run_concurrently(tiny_fp32_bundle_dir, BATCH_TEXTS, batch_window_ms=0.0, max_batch=1)
+    got, stats = run_concurrently(tiny_fp32_bundle_dir, BATCH_TEXTS, batch_window_ms=50.0, max_batch=64)
     assert max(stats["batch_size_counts"]) > 1, stats  # requests really shared batches
-    for text in texts:
-        got, want = results[text], expected[text]
-        assert [[c["text"] for c in b["candidates"]] for b in got] == [[c["text"] for c in b["candidates"]] for b in want]
-        for gb, wb in zip(got, want):
+    for text in BATCH_TEXTS:
+        assert [[c["text"] for c in b["candidates"]] for b in got[text]] == \
+            [[c["text"] for c in b["candidates"]] for b in expected[text]]
+        for gb, wb in zip(got[text], expected[text]):
             for gc, wc in zip(gb["candidates"], wb["candidates"]):
-                assert gc["score"] == pytest.approx(wc["score"], rel=2e-2, abs=1e-6)
+                assert gc["score"] == pytest.approx(wc["score"], rel=1e-4)
+
+
+def test_int8_batched_answers_stay_within_quantization_noise(tiny_bundle_dir):
+    """INT8 (dynamic): activation scales are computed per batch, so scores move a
+    little with batch contents; the answers must stay essentially the same."""
+    expected, _ = run_concurrently(tiny_bundle_dir, BATCH_TEXTS, batch_window_ms=0.0, max_batch=1)
+    got, stats = run_concurrently(tiny_bundle_dir, BATCH_TEXTS, batch_window_ms=50.0, max_batch=64)
+    assert max(stats["batch_size_counts"]) > 1, stats
+    for text in BATCH_TEXTS:
+        for gb, wb in zip(got[text], expected[text]):
+            g = {c["text"]: c["score"] for c in gb["candidates"]}
+            w = {c["text"]: c["score"] for c in wb["candidates"]}
+            shared = set(g) & set(w)
+            assert len(shared) >= 3, (text, g, w)
+            for cand in shared:
+                assert g[cand] == pytest.approx(w[cand], rel=0.15), (text, cand)
 
 
 def test_bundle_verification_names_file_and_values(tiny_bundle_dir, tmp_path):

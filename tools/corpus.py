@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ TEXT_KEYS = {
 EVAL_ONLY_FILES = {"dev_few_all.json"}
 CJK_RE = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 IDIOM_PLACEHOLDER = "#idiom#"
+log = logging.getLogger(__name__)
 
 
 class CorpusError(ValueError):
@@ -96,7 +98,9 @@ def _records_of_json_file(path: Path) -> Iterator[object]:
         if data is not None:
             yield from (data if isinstance(data, list) else [data])
             return
-    for number, line in enumerate(raw.splitlines(), 1):
+    # split("\n"), not splitlines(): JSON strings may hold U+2028, which
+    # splitlines() would treat as a line break (FewCLUE iflytek does).
+    for number, line in enumerate(raw.split("\n"), 1):
         line = line.strip()
         if not line:
             continue
@@ -134,10 +138,16 @@ def iter_documents(path: str | Path, include_eval: bool = False, simplify: bool 
     are never used), so they are corpus like the rest.
     """
     for file in corpus_files(path, include_eval):
-        if file.suffix == ".txt":
-            records: Iterable[object] = file.read_text(encoding="utf-8").splitlines()
-        else:
-            records = _records_of_json_file(file)
+        try:
+            if file.suffix == ".txt":
+                records: Iterable[object] = file.read_text(encoding="utf-8").split("\n")
+            else:
+                records = list(_records_of_json_file(file))
+        except (CorpusError, UnicodeDecodeError) as exc:
+            # One unreadable file (e.g. a .json that is not JSON) must not sink a
+            # corpus of hundreds: say which and go on.
+            log.warning("skipping %s: %s", file, exc)
+            continue
         for record in records:
             text = record.strip() if isinstance(record, str) else record_text(record)
             if not CJK_RE.search(text):

@@ -73,3 +73,36 @@ def export_onnx(mlm: torch.nn.Module, out_path: str | Path, opset: int = OPSET) 
             dynamo=False,
         )
     return out_path
+
+
+def add_arguments(parser) -> None:
+    """Options of ``python -m tools export``."""
+    from tools.checkpoint import add_source_arguments
+
+    add_source_arguments(parser)
+    parser.add_argument("--out", required=True, type=Path, help="ONNX file to write")
+    parser.add_argument("--optimize", action="store_true",
+                        help="also apply ONNX Runtime's BERT fusions (written to OUT, the plain export to OUT.plain.onnx)")
+
+
+def run(args) -> int:
+    """Export a checkpoint (full vocabulary) to FP32 ONNX and check parity with PyTorch."""
+    from tools import ToolError
+    from tools.checkpoint import load_checkpoint
+    from tools.quantize import optimize_model
+    from tools.verify import check_parity, ort_session
+
+    ckpt = load_checkpoint(args.source, random_init=args.random_init, seed=args.seed, revision=args.revision)
+    out = Path(args.out)
+    target = out.with_suffix(".plain.onnx") if args.optimize else out
+    export_onnx(ckpt.model, target)
+    if args.optimize:
+        info = optimize_model(target, out, ckpt.model.config)
+        if not info["applied"]:
+            target.replace(out)
+    parity = check_parity(ckpt.model, ort_session(out), ckpt.special_ids(), seed=args.seed)
+    log.info("FP32 parity: max|diff| %.3g (tolerance %.3g)", parity.max_abs_diff, parity.tolerance)
+    if not parity.passed:
+        raise ToolError(f"{out}: export does not match PyTorch (max|diff| {parity.max_abs_diff:.3g})")
+    log.info("wrote %s (%.1f MB)", out, out.stat().st_size / 1e6)
+    return 0

@@ -1,0 +1,209 @@
+"""Dynamic INT8 quantization of the FP32 ONNX masked-LM (and, opt-in, ONNX
+Runtime's BERT graph fusions before it).
+
+Weights are QInt8, per output channel, symmetric; activations are quantized on the
+fly to QUInt8 (the only activation type of ONNX Runtime's dynamic quantization; its
+u8×s8 kernels are the fast path on ARM64 and x86 alike. On x86 CPUs without VNNI the
+u8×s8 AVX2 kernel can saturate; ``--reduce-range`` (7-bit weights) avoids that at a
+precision cost everywhere, so it is off: the bundle is for ARM boards). The MatMuls
+(encoder, MLM transform, decoder) and the embedding Gathers are quantized, and the
+tied word embedding reads the decoder's INT8 weight instead of keeping a second copy.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from tools import ToolError
+
+log = logging.getLogger(__name__)
+
+OP_TYPES = ("MatMul", "Gather", "Attention")
+
+
+def optimize_model(fp32_path: str | Path, out_path: str | Path, config, embed_layer_norm: bool = False,
+                   ) -> dict[str, Any]:
+    """Apply ONNX Runtime's BERT graph fusions (attention, layer norm, GELU, ...) to
+    an FP32 model; return what was fused (``applied`` False when nothing was).
+
+    EmbedLayerNormalization fusion is off by default: it would swallow the word
+    embedding Gather (which is then not quantized) and replace our inputs' handling.
+    The optimized graph keeps the three bundle inputs; that is checked here.
+    """
+    import onnx
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model as ort_optimize
+
+    from edge.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS, MASK_POSITIONS
+
+    options = FusionOptions("bert")
+    options.enable_embed_layer_norm = embed_layer_norm
+    logging.disable(logging.WARNING)  # the optimizer logs every fusion attempt
+    try:
+        model = ort_optimize(str(fp32_path), model_type="bert", num_heads=config.num_attention_heads,
+                             hidden_size=config.hidden_size, optimization_options=options, opt_level=0)
+    finally:
+        logging.disable(logging.NOTSET)
+    fused = {k: v for k, v in model.get_fused_operator_statistics().items() if v}
+    inputs = [i.name for i in model.model.graph.input]
+    outputs = [o.name for o in model.model.graph.output]
+    if inputs != [INPUT_IDS, ATTENTION_MASK, MASK_POSITIONS] or outputs != [LOGITS]:
+        log.warning("optimized graph changed its inputs/outputs (%s -> %s); not using it", inputs, outputs)
+        return {"applied": False, "reason": f"inputs became {inputs}"}
+    if not fused:
+        return {"applied": False, "reason": "nothing fused"}
+    model.save_model_to_file(str(out_path))
+    onnx.checker.check_model(str(out_path))
+    log.info("fused operators: %s", ", ".join(f"{k} x{v}" for k, v in sorted(fused.items())))
+    return {"applied": True, "fused": fused, "method": "onnxruntime.transformers.optimizer (bert, opt_level 0)"}
+
+
+def quantization_settings(per_channel: bool = True, reduce_range: bool = False,
+                          op_types: tuple[str, ...] = OP_TYPES) -> dict[str, Any]:
+    """The manifest ``quantization`` entry for these settings."""
+    return {
+        "method": "onnxruntime.quantization.quantize_dynamic",
+        "weight_type": "QInt8",
+        "activation_type": "QUInt8 (dynamic, per tensor)",
+        "per_channel": per_channel,
+        "reduce_range": reduce_range,
+        "op_types": list(op_types),
+        "word_embedding": "QUInt8 per tensor (onnxruntime Gather quantization)",
+    }
+
+
+def find_tied_embedding(fp32_model) -> tuple[str, str] | None:
+    """Return (word-embedding table, decoder weight) initializer names when the
+    decoder MatMul weight is exactly the transposed word-embedding table (a tied
+    BERT head, which the exporter stores twice), else None."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    from edge.manifest import INPUT_IDS
+
+    graph = fp32_model.graph
+    inits = {i.name: i for i in graph.initializer}
+    gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[1] == INPUT_IDS and n.input[0] in inits]
+    if len(gathers) != 1:
+        return None
+    table_name = gathers[0].input[0]
+    table = numpy_helper.to_array(inits[table_name])
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in inits:
+            continue
+        weight = inits[node.input[1]]
+        if tuple(weight.dims) == table.shape[::-1] and np.array_equal(numpy_helper.to_array(weight), table.T):
+            return table_name, node.input[1]
+    return None
+
+
+def share_tied_embedding(int8_model, table_name: str, weight_name: str) -> bool:
+    """Make the word-embedding lookup read the decoder's INT8 weight, so the tied
+    ``vocab × hidden`` matrix is stored once (it is the largest single tensor after
+    the encoder: 7.7 MB at 10,000 tokens × 768).
+
+    The decoder weight ``W`` is ``[hidden, vocab]`` int8, symmetric, one scale per
+    vocabulary entry (per-channel on the output axis). The embedding of token ``t``
+    is ``W[:, t] * scale[t]``: Gather(axis=1) → Transpose → Cast → Mul, replacing
+    onnxruntime's per-tensor uint8 Gather + DequantizeLinear. Returns False (model
+    unchanged) when the expected initializers or nodes are not found.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edge.manifest import INPUT_IDS
+
+    graph = int8_model.graph
+    inits = {i.name: i for i in graph.initializer}
+    q_name, s_name, z_name = (f"{weight_name}_quantized", f"{weight_name}_scale", f"{weight_name}_zero_point")
+    if not all(n in inits for n in (q_name, s_name, z_name)):
+        return False
+    q, scale, zero = inits[q_name], inits[s_name], inits[z_name]
+    vocab = q.dims[1]
+    if q.data_type != TensorProto.INT8 or list(scale.dims) != [vocab] or numpy_helper.to_array(zero).any():
+        return False
+    gather = next((n for n in graph.node if n.op_type == "Gather" and n.input[1] == INPUT_IDS
+                   and n.input[0] in (f"{table_name}_quantized", table_name)), None)
+    if gather is None:
+        return False
+    dequant = next((n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] == gather.output[0]), None)
+    old_nodes = [gather] + ([dequant] if dequant is not None else [])
+    out_name = (dequant or gather).output[0]
+    prefix = "/shared_word_embedding"
+    axes = helper.make_tensor(f"{prefix}/axes", TensorProto.INT64, [1], [-1])
+    new_nodes = [
+        helper.make_node("Gather", [q_name, INPUT_IDS], [f"{prefix}/cols"], name=f"{prefix}/Gather", axis=1),
+        helper.make_node("Transpose", [f"{prefix}/cols"], [f"{prefix}/rows"], name=f"{prefix}/Transpose", perm=[1, 2, 0]),
+        helper.make_node("Cast", [f"{prefix}/rows"], [f"{prefix}/rows_f"], name=f"{prefix}/Cast", to=TensorProto.FLOAT),
+        helper.make_node("Gather", [s_name, INPUT_IDS], [f"{prefix}/scale"], name=f"{prefix}/GatherScale", axis=0),
+        helper.make_node("Unsqueeze", [f"{prefix}/scale", axes.name], [f"{prefix}/scale3"], name=f"{prefix}/Unsqueeze"),
+        helper.make_node("Mul", [f"{prefix}/rows_f", f"{prefix}/scale3"], [out_name], name=f"{prefix}/Mul"),
+    ]
+    position = list(graph.node).index(gather)
+    for node in old_nodes:
+        graph.node.remove(node)
+    for offset, node in enumerate(new_nodes):
+        graph.node.insert(position + offset, node)
+    graph.initializer.append(axes)
+    used = {name for node in graph.node for name in node.input}
+    for init in list(graph.initializer):
+        if init.name not in used:
+            graph.initializer.remove(init)
+    return True
+
+
+def quantize_model(fp32_path: str | Path, int8_path: str | Path, per_channel: bool = True,
+                   reduce_range: bool = False, op_types: tuple[str, ...] = OP_TYPES) -> dict[str, Any]:
+    """Quantize ``fp32_path`` into ``int8_path``; return the settings used."""
+    import onnx
+    import onnxruntime
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    fp32_path, int8_path = Path(fp32_path), Path(int8_path)
+    if not fp32_path.is_file():
+        raise ToolError(f"{fp32_path}: ONNX model not found")
+    int8_path.parent.mkdir(parents=True, exist_ok=True)
+    # quantize_dynamic logs a "consider pre-processing" warning at WARNING level on the
+    # root logger; shape-inference pre-processing does not change a BERT graph.
+    logging.disable(logging.WARNING)
+    try:
+        quantize_dynamic(
+            fp32_path, int8_path,
+            op_types_to_quantize=list(op_types),
+            per_channel=per_channel,
+            reduce_range=reduce_range,
+            weight_type=QuantType.QInt8,
+            # Fused contrib ops (Attention, SkipLayerNormalization) defeat ONNX shape
+            # inference; their outputs are float32.
+            extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
+    finally:
+        logging.disable(logging.NOTSET)
+    settings = quantization_settings(per_channel, reduce_range, op_types)
+    settings["onnxruntime"] = onnxruntime.__version__
+    tied = find_tied_embedding(onnx.load(str(fp32_path)))
+    if tied and "Gather" in op_types and per_channel:
+        model = onnx.load(str(int8_path))
+        if share_tied_embedding(model, *tied):
+            onnx.checker.check_model(model)
+            onnx.save(model, str(int8_path))
+            settings["word_embedding"] = "QInt8 per row, shared with the tied MLM decoder weight"
+            log.info("word embedding now shares the decoder's INT8 weight (%s)", tied[1])
+    log.info("quantized %s (%.1f MB) -> %s (%.1f MB)", fp32_path.name, fp32_path.stat().st_size / 1e6,
+             int8_path.name, int8_path.stat().st_size / 1e6)
+    return settings
+
+
+def add_arguments(parser) -> None:
+    """Options of ``python -m tools quantize``."""
+    parser.add_argument("--in", dest="input", required=True, type=Path, help="FP32 ONNX model")
+    parser.add_argument("--out", required=True, type=Path, help="INT8 ONNX model to write")
+    parser.add_argument("--per-tensor", action="store_true", help="per-tensor instead of per-channel weights")
+    parser.add_argument("--reduce-range", action="store_true", help="7-bit weights (older x86 without VNNI)")
+
+
+def run(args) -> int:
+    """Quantize one model file."""
+    quantize_model(args.input, args.out, per_channel=not args.per_tensor, reduce_range=args.reduce_range)
+    return 0
