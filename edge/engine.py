@@ -40,6 +40,7 @@ from edge.blanks import find_blanks
 from edge.bundle import Bundle, BundleError, load_bundle
 from edge.cache import LRUCache
 from edge.manifest import ATTENTION_MASK, INPUT_IDS, MASK_POSITIONS
+from edge.memory import limit_malloc_retention
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class EngineConfig:
     beam_width: int = 0  # 0: max(top_k, 5)
     low_confidence: float = 0.6
     max_seq: int = 512  # cap on the model window (also bounded by the bundle's max_length)
+    memory_arena: bool = False  # ORT's CPU arena: no faster here, ~45 MB more resident (bert-base)
     buckets: Sequence[int] = field(default=DEFAULT_BUCKETS)
 
 
@@ -136,6 +138,7 @@ class Engine:
 
         self.cores = usable_cores()
         self.threads = thread_count(cfg.threads)
+        limit_malloc_retention()  # before ONNX Runtime parses the model (see edge/memory.py)
         self.session = self._make_session()
         self.cache = LRUCache(cfg.cache_size)
         self.batcher = MicroBatcher(
@@ -169,6 +172,9 @@ class Engine:
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # The arena keeps every buffer it ever grew to; without it a bert-base-sized
+        # INT8 bundle measured 185 MB resident instead of 228 MB, at the same latency.
+        options.enable_cpu_mem_arena = self.config.memory_arena
         # Spinning keeps idle worker threads busy-waiting for the next op: a little
         # lower latency, but a Pi would sit at 100% CPU (and heat up) between queries.
         spin = "1" if self.config.spin else "0"
