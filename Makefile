@@ -56,5 +56,15 @@ model: $(VENV)/.dev-stamp
 	$(BIN)/python -m tools build --source $(SOURCE) --out $(OUT) \
 	  $(if $(VOCAB),--vocab $(VOCAB)) $(if $(CORPUS),--corpus $(CORPUS)) $(if $(RANDOM_INIT),--random-init)
 
+# One offline-installable archive for a Pi (aarch64 wheels for Python 3.11 and 3.13,
+# the package, the bundle(s), the units, install.sh / uninstall.sh).
+dist: $(VENV)/.runtime-stamp
+	tools/make_dist.sh $(if $(BUNDLE),--bundle $(BUNDLE))
+
+# arm64 Debian root under qemu user-mode emulation: install the archive offline,
+# run the runtime's tests and predictions, compare with x86 (needs root).
+arm-check: dist
+	tools/arm_check.sh
+
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

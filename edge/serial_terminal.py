@@ -1,0 +1,652 @@
+"""Serial-terminal front end: one line in, the answer out, over pyserial.
+
+Two modes share one reader:
+
+- ``terminal`` is for a person on a serial console (minicom, screen, PuTTY):
+  characters are echoed, backspace/DEL erase whole (double-width) characters,
+  Ctrl-U clears the line, Ctrl-C cancels it, arrow-key escape sequences are
+  swallowed, output lines end in CRLF, and answers are a readable table with
+  confidence bars and the low-confidence hint. ``?`` or ``help`` shows help.
+- ``line`` is for a program: each line is a plain sentence or a JSON object
+  ``{"text": ..., "top_k": ..., "blank_length": ..., "id": ...}``; each answer is
+  one line of JSON, the HTTP API's response or ``{"error": ..., "message": ...}``.
+
+Bytes are decoded incrementally (a character may arrive split across reads).
+Invalid bytes, overlong lines and bad queries get an error line and the session
+goes on; a port that disappears (USB adapter unplugged) is reopened with
+backoff. Modelled on pyserial's miniterm: a class handed an open port, with a
+named reader thread; the engine may be shared with the HTTP service.
+
+Wiring into the command line (``python -m edge serial PORT``)::
+
+    sub = subparsers.add_parser("serial", help="serve a serial port")
+    add_serial_arguments(sub)
+    ...
+    return run_serial(args, engine)
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import json
+import logging
+import signal
+import threading
+import time
+import unicodedata
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import serial
+
+from edge.blanks import find_blanks
+
+LOG = logging.getLogger("edge.serial")
+
+MODES = ("terminal", "line")
+DEFAULT_PROMPT = "填空> "
+DEFAULT_MAX_LINE = 1000  # characters; bounds memory, the engine has its own length limit
+READ_TIMEOUT_S = 0.2  # how often the reader wakes up to notice stop()
+WRITE_TIMEOUT_S = 5.0  # a peer that stops reading must not hang the reader forever
+LOW_CONFIDENCE_HINT = "上下文信息不足，建议补充更多背景"
+BAR_WIDTH = 20
+
+# Errors this front end raises itself (the engine's InputError codes pass through).
+MESSAGES = {
+    "invalid_utf8": "这一行含有无效的 UTF-8 字节，请用 UTF-8 编码发送 (line is not valid UTF-8)",
+    "line_too_long": "这一行超过 {limit} 个字符，已丢弃 (line longer than {limit} characters)",
+    "invalid_json": "JSON 无法解析：{detail} (line starts with '{{' but is not valid JSON)",
+    "bad_request": "{detail}",
+    "internal_error": "内部错误，请查看服务日志 (internal error, see the service log)",
+}
+
+HELP_TEXT = """\
+输入一个含有空格标记 [MASK] 的句子，回车后得到最可能的填空及其置信度。
+  例：床前明月光，疑是地[MASK]霜。
+  连续几个 [MASK] 组成一个词的空：今天天气很[MASK][MASK]。
+命令：
+  ? 或 help   显示本帮助
+  info        模型信息
+  top N       每个空显示 N 个候选（当前 {top_k}）
+编辑：退格键删除一个字，Ctrl-U 清空本行，Ctrl-C 取消本行。"""
+
+PARITIES = {"N": serial.PARITY_NONE, "E": serial.PARITY_EVEN, "O": serial.PARITY_ODD,
+            "M": serial.PARITY_MARK, "S": serial.PARITY_SPACE}
+STOPBITS = {"1": serial.STOPBITS_ONE, "1.5": serial.STOPBITS_ONE_POINT_FIVE, "2": serial.STOPBITS_TWO}
+
+
+# -- line assembly --------------------------------------------------------------
+
+@dataclass
+class Line:
+    """A completed input line; ``error`` is set when it must not be run."""
+
+    text: str
+    error: str | None = None
+
+
+def char_width(char: str) -> int:
+    """Return how many terminal columns ``char`` takes (CJK: 2, combining: 0)."""
+    if unicodedata.combining(char):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+
+
+def _is_undecodable(char: str) -> bool:
+    # surrogateescape maps each invalid byte to U+DC80..U+DCFF; valid UTF-8
+    # never decodes to a lone surrogate, so these mark bad input exactly.
+    return "\udc80" <= char <= "\udcff"
+
+
+class LineEditor:
+    """Turns decoded characters into lines, with optional echo and editing.
+
+    ``feed`` yields events in order: ``("echo", text)`` to write back to the
+    terminal, ``("bell", "")`` and ``("line", Line)``. With ``editing`` off (line
+    mode) every character except the line ends is kept as sent. CR, LF and CRLF
+    each end one line.
+    """
+
+    def __init__(self, max_chars: int = DEFAULT_MAX_LINE, editing: bool = False, echo: bool = False):
+        self.max_chars = max_chars
+        self.editing = editing
+        self.echo = echo
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the partial line (e.g. after the port was reopened)."""
+        self.chars: list[str] = []
+        self.overflow = False
+        self._after_cr = False
+        self._escape = ""  # "" | "esc" | "csi" | "ss3"
+
+    def _show(self, text: str) -> Iterator[tuple[str, Any]]:
+        if self.echo and text:
+            yield ("echo", text)
+
+    def _erase(self, count: int) -> Iterator[tuple[str, Any]]:
+        """Remove ``count`` characters from the end, erasing their columns."""
+        columns = 0
+        for _ in range(min(count, len(self.chars))):
+            char = self.chars.pop()
+            columns += 1 if _is_undecodable(char) else char_width(char)
+        yield from self._show("\b" * columns + " " * columns + "\b" * columns)
+
+    def _end_line(self) -> Line:
+        text = "".join(self.chars)
+        if self.overflow:
+            line = Line(text, "line_too_long")
+        elif any(_is_undecodable(c) for c in text):
+            line = Line(text, "invalid_utf8")
+        else:
+            line = Line(text)
+        self.chars = []
+        self.overflow = False
+        return line
+
+    def _escape_step(self, char: str) -> None:
+        """Swallow one character of an ANSI escape sequence (arrow keys etc.)."""
+        if self._escape == "esc":
+            self._escape = {"[": "csi", "O": "ss3"}.get(char, "")
+        elif self._escape == "ss3":
+            self._escape = ""
+        elif "\x40" <= char <= "\x7e":  # CSI final byte
+            self._escape = ""
+
+    def feed(self, text: str) -> Iterator[tuple[str, Any]]:
+        """Consume decoded characters; yield echo/bell/line events in order."""
+        for char in text:
+            after_cr, self._after_cr = self._after_cr, False
+            if char == "\n" and after_cr:
+                continue  # the LF of a CRLF pair
+            if char in "\r\n":
+                self._after_cr = char == "\r"
+                self._escape = ""
+                yield from self._show("\r\n")
+                yield ("line", self._end_line())
+                continue
+            if not self.editing:
+                self._append(char)
+                continue
+            if self._escape:
+                self._escape_step(char)
+            elif char == "\x1b":
+                self._escape = "esc"
+            elif char in ("\x08", "\x7f"):
+                yield from self._erase(1)
+            elif char == "\x15":  # Ctrl-U: kill the line
+                yield from self._erase(len(self.chars))
+                self.overflow = False
+            elif char == "\x03":  # Ctrl-C: cancel the line
+                self.chars, self.overflow = [], False
+                yield ("echo", "^C\r\n")
+                yield ("line", Line("", "cancelled"))
+            elif unicodedata.category(char) == "Cc" and not _is_undecodable(char):
+                continue  # other control characters (tab, NUL, bell) are ignored
+            else:
+                if not self._append(char):
+                    yield ("bell", "")
+                elif not self.overflow:
+                    yield from self._show("?" if _is_undecodable(char) else char)
+
+    def _append(self, char: str) -> bool:
+        """Add a character unless the line is full; return False when it was dropped."""
+        if len(self.chars) >= self.max_chars:
+            first = not self.overflow
+            self.overflow = True
+            return not first  # ring the bell once, stay quiet after
+        self.chars.append(char)
+        return True
+
+
+# -- formatting -----------------------------------------------------------------
+
+def _pad(text: str, columns: int) -> str:
+    """Pad ``text`` with spaces to ``columns`` terminal columns (CJK-aware)."""
+    width = sum(char_width(c) for c in text)
+    return text + " " * max(0, columns - width)
+
+
+def format_answer(text: str, result: dict[str, Any]) -> list[str]:
+    """Render an engine answer as terminal lines: per blank, candidates with bars."""
+    lines: list[str] = []
+    model = result.get("model") or {}
+    if model.get("random_init"):
+        lines.append("!! 警告：模型权重是随机初始化的，只能测速，答案没有意义 (random weights)")
+    blanks = result.get("blanks") or []
+    filled = fill_best(text, blanks)
+    if filled is not None:
+        lines.append(f"=> {filled}")
+    for number, blank in enumerate(blanks, 1):
+        if len(blanks) > 1:
+            lines.append(f"空 {number}（第 {blank['start'] + 1} 字）：")
+        candidates = blank.get("candidates") or []
+        columns = max([sum(char_width(c) for c in cand["text"]) for cand in candidates] + [2])
+        for rank, cand in enumerate(candidates, 1):
+            score = float(cand["score"])
+            filled_cells = round(max(0.0, min(1.0, score)) * BAR_WIDTH)
+            bar = "#" * filled_cells + "." * (BAR_WIDTH - filled_cells)
+            lines.append(f"  {rank}. {_pad(cand['text'], columns)}  [{bar}] {score * 100:5.1f}%")
+        if blank.get("low_confidence"):
+            lines.append(f"  ! {blank.get('hint') or LOW_CONFIDENCE_HINT}")
+    footer = f"用时 {float(result.get('elapsed_ms', 0.0)):.1f} ms"
+    if result.get("cached"):
+        footer += "（缓存）"
+    if result.get("truncated"):
+        footer += "；输入过长，已截断"
+    lines.append(footer)
+    return lines
+
+
+def fill_best(text: str, blanks: list[dict[str, Any]]) -> str | None:
+    """Return ``text`` with each blank's best candidate in 【】, or None if a blank is not found.
+
+    ``start`` in the answer is where the blank's mask run begins; ``length`` is the
+    filler's length, so the run's end is found again with the engine's own pattern.
+    """
+    runs = {blank.start: blank.end for blank in find_blanks(text)[1]}
+    filled = text
+    # Fill from the last blank backwards so earlier offsets stay valid.
+    for blank in sorted(blanks, key=lambda b: b["start"], reverse=True):
+        end = runs.get(blank["start"])
+        if end is None or not blank.get("candidates"):
+            return None
+        filled = filled[: blank["start"]] + f"【{blank['candidates'][0]['text']}】" + filled[end:]
+    return filled if blanks else None
+
+
+def error_message(code: str, detail: str = "", limit: int = DEFAULT_MAX_LINE) -> str:
+    """Return the message for one of this front end's own error codes."""
+    return MESSAGES[code].format(detail=detail, limit=limit)
+
+
+# -- the terminal ---------------------------------------------------------------
+
+class SerialTerminal:
+    """Serve fill-in-the-blank queries on one serial port.
+
+    ``port`` is an open pyserial port (``serial.Serial`` or ``serial_for_url``);
+    ``reopen``, when given, is called to get a fresh port after the old one
+    failed (device unplugged), with exponential backoff up to ``max_backoff_s``.
+    ``engine`` is anything with ``predict(text, top_k=, blank_length=)`` and
+    ``info()``; one engine may serve this and the HTTP app at the same time.
+    """
+
+    def __init__(self, port: Any, engine: Any, mode: str = "terminal", top_k: int = 5,
+                 blank_length: int | str | None = None, max_line: int = DEFAULT_MAX_LINE,
+                 prompt: str = DEFAULT_PROMPT, echo: bool = True, encoding: str = "utf-8",
+                 reopen: Callable[[], Any] | None = None, max_backoff_s: float = 30.0):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        codecs.lookup(encoding)  # fail now, naming the encoding, not in the thread
+        self.port = port
+        self.engine = engine
+        self.mode = mode
+        self.top_k = top_k
+        self.blank_length = blank_length
+        self.max_line = max_line
+        self.prompt = prompt
+        self.encoding = encoding
+        self.reopen = reopen
+        self.max_backoff_s = max_backoff_s
+        terminal = mode == "terminal"
+        self.newline = "\r\n" if terminal else "\n"
+        self.editor = LineEditor(max_line, editing=terminal, echo=terminal and echo)
+        self.decoder = codecs.getincrementaldecoder(encoding)(errors="surrogateescape")
+        self.lines_served = 0
+        self._last_port_name = str(getattr(port, "port", None) or "port")
+        self._alive = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -----------------------------------------------------------
+    def start(self) -> None:
+        """Start the reader thread (named ``serial-reader``) and return."""
+        self._alive.set()
+        self._thread = threading.Thread(target=self._reader, name="serial-reader", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ask the reader thread to finish (safe from a signal handler)."""
+        self._alive.clear()
+        port = self.port
+        if port is not None and hasattr(port, "cancel_read"):
+            try:
+                port.cancel_read()
+            except Exception:  # the port may already be gone; stopping must not fail
+                pass
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the reader thread to finish."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        """True while the reader thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def close(self) -> None:
+        """Stop, wait, and close the port."""
+        self.stop()
+        self.join()
+        self._close_port()
+
+    # -- reader --------------------------------------------------------------
+    def _reader(self) -> None:
+        backoff = 0.5
+        greeted = False
+        while self._alive.is_set():
+            if self.port is None:
+                if not self._try_reopen(backoff):
+                    backoff = min(backoff * 2, self.max_backoff_s)
+                    continue
+                backoff = 0.5
+                greeted = False
+            try:
+                if not greeted:
+                    self._greet()
+                    greeted = True
+                data = self.port.read(max(1, getattr(self.port, "in_waiting", 0) or 1))
+                if data:
+                    self._handle_bytes(data)
+            except (serial.SerialException, OSError) as exc:
+                if not self._alive.is_set():
+                    break
+                LOG.warning("serial port %s failed: %s", self._port_name(), exc)
+                self._close_port()
+                if self.reopen is None:
+                    LOG.error("no way to reopen %s; serial front end stops", self._port_name())
+                    self._alive.clear()
+        LOG.info("serial reader stopped after %d lines", self.lines_served)
+
+    def _port_name(self) -> str:
+        return str(getattr(self.port, "port", None) or self._last_port_name)
+
+    def _close_port(self) -> None:
+        port, self.port = self.port, None
+        if port is not None:
+            self._last_port_name = str(getattr(port, "port", "port"))
+            try:
+                port.close()
+            except Exception:  # closing a vanished device may fail; it is gone either way
+                pass
+
+    def _try_reopen(self, backoff: float) -> bool:
+        """Wait ``backoff`` seconds (noticing stop()), then try to reopen the port once."""
+        deadline = time.monotonic() + backoff
+        while self._alive.is_set() and time.monotonic() < deadline:
+            time.sleep(max(0.0, min(READ_TIMEOUT_S, deadline - time.monotonic())))
+        if not self._alive.is_set() or self.reopen is None:
+            return False
+        try:
+            self.port = self.reopen()
+        except (serial.SerialException, OSError, ValueError) as exc:
+            LOG.info("reopening %s failed (%s); next try in %.1f s",
+                     self._last_port_name, exc, min(backoff * 2, self.max_backoff_s))
+            return False
+        LOG.info("serial port %s reopened", self._port_name())
+        self.decoder.reset()
+        self.editor.reset()
+        return True
+
+    def _greet(self) -> None:
+        """Show a banner and the prompt to a person; programs get nothing."""
+        if self.mode != "terminal":
+            return
+        info = self._model_info()
+        name = info.get("name", "?")
+        self._write_lines([f"中文填空 · 模型 {name} · 输入 ? 查看帮助"])
+        if info.get("random_init"):
+            self._write_lines(["!! 警告：模型权重是随机初始化的，只能测速，答案没有意义"])
+        self._write_text(self.prompt)
+
+    def _model_info(self) -> dict[str, Any]:
+        try:
+            return dict(self.engine.info())
+        except Exception:  # the banner is cosmetic; never let it kill the session
+            LOG.exception("engine.info() failed")
+            return {}
+
+    def _handle_bytes(self, data: bytes) -> None:
+        text = self.decoder.decode(data)
+        for kind, value in self.editor.feed(text):
+            if kind == "echo":
+                self._write_text(value)
+            elif kind == "bell":
+                self._write_text("\a")
+            elif kind == "line":
+                self._handle_line(value)
+
+    # -- queries -------------------------------------------------------------
+    def _handle_line(self, line: Line) -> None:
+        if self.mode == "terminal":
+            self._terminal_line(line)
+            self._write_text(self.prompt)
+        else:
+            self._program_line(line)
+
+    def _terminal_line(self, line: Line) -> None:
+        if line.error == "cancelled":
+            return
+        if line.error:
+            self._write_lines(["错误：" + error_message(line.error, limit=self.max_line)])
+            return
+        text = line.text.strip()
+        if not text:
+            return
+        command = text.lower()
+        if command in ("?", "？", "help", "帮助"):
+            self._write_lines(HELP_TEXT.format(top_k=self.top_k).splitlines())
+            return
+        if command == "info":
+            info = self._model_info()
+            self._write_lines([f"{key}: {json.dumps(value, ensure_ascii=False)}" for key, value in info.items()])
+            return
+        if command.startswith("top ") or command.startswith("top\t"):
+            self._set_top_k(command[4:].strip())
+            return
+        result = self._predict(text, self.top_k, self.blank_length)
+        if "error" in result:
+            self._write_lines(["错误：" + str(result["message"])])
+        else:
+            self._write_lines(format_answer(text, result))
+
+    def _set_top_k(self, value: str) -> None:
+        try:
+            top_k = int(value)
+            if top_k < 1:
+                raise ValueError
+        except ValueError:
+            self._write_lines([f"错误：top 后面要跟一个正整数，例如 top 3（收到 {value!r}）"])
+            return
+        self.top_k = top_k
+        self._write_lines([f"每个空显示 {top_k} 个候选"])
+
+    def _program_line(self, line: Line) -> None:
+        if line.error:
+            self._write_json({"error": line.error, "message": error_message(line.error, limit=self.max_line)})
+            return
+        raw = line.text.strip()
+        if not raw:
+            return  # blank lines are keep-alives, not queries
+        request_id = None
+        if raw.startswith("{"):
+            try:
+                request = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                self._write_json({"error": "invalid_json", "message": error_message("invalid_json", str(exc))})
+                return
+            request_id = request.get("id")
+            problem = _check_request(request)
+            if problem:
+                self._write_json(_with_id({"error": "bad_request", "message": problem}, request_id))
+                return
+            top_k = request.get("top_k")
+            blank_length = request.get("blank_length")
+            result = self._predict(request["text"], self.top_k if top_k is None else top_k,
+                                   self.blank_length if blank_length is None else blank_length)
+        else:
+            result = self._predict(raw, self.top_k, self.blank_length)
+        self._write_json(_with_id(result, request_id))
+
+    def _predict(self, text: str, top_k: Any, blank_length: Any) -> dict[str, Any]:
+        """Run one query; return the engine's answer or an error dict."""
+        self.lines_served += 1
+        try:
+            return self.engine.predict(text, top_k=top_k, blank_length=blank_length)
+        except ValueError as exc:
+            code = getattr(exc, "code", None)  # edge.engine.InputError carries a code
+            if code:
+                return {"error": code, "message": _exception_message(exc)}
+            LOG.exception("engine rejected %r without an error code", text)
+        except Exception:
+            LOG.exception("engine failed on %r", text)
+        return {"error": "internal_error", "message": error_message("internal_error")}
+
+    # -- output --------------------------------------------------------------
+    def _write_text(self, text: str) -> None:
+        if self.port is None:
+            return
+        try:
+            self.port.write(text.encode(self.encoding, errors="replace"))
+        except serial.SerialTimeoutException:
+            LOG.warning("write to %s timed out; output dropped", self._port_name())
+
+    def _write_lines(self, lines: list[str]) -> None:
+        self._write_text("".join(line + self.newline for line in lines))
+
+    def _write_json(self, obj: dict[str, Any]) -> None:
+        self._write_text(json.dumps(obj, ensure_ascii=False) + self.newline)
+
+
+def _exception_message(exc: Exception) -> str:
+    """The human part of an InputError(code, message), however it stores it."""
+    message = getattr(exc, "message", None)
+    if isinstance(message, str) and message:
+        return message
+    if len(exc.args) == 2 and isinstance(exc.args[1], str):
+        return exc.args[1]
+    return str(exc)
+
+
+def _check_request(request: Any) -> str | None:
+    """Return what is wrong with a JSON request line, or None."""
+    if not isinstance(request, dict):
+        return 'a JSON line must be an object such as {"text": "…[MASK]…", "top_k": 5}'
+    if not isinstance(request.get("text"), str):
+        return 'the JSON object needs a "text" string'
+    top_k = request.get("top_k")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)):
+        return '"top_k" must be an integer'
+    return None
+
+
+def _with_id(obj: dict[str, Any], request_id: Any) -> dict[str, Any]:
+    """Echo a request's "id" into its answer so a program can match them."""
+    if request_id is None:
+        return obj
+    return {**obj, "id": request_id}
+
+
+# -- opening ports and the command line -----------------------------------------
+
+def open_port(url: str, baudrate: int = 115200, bytesize: int = 8, parity: str = "N",
+              stopbits: str = "1", rtscts: bool = False, xonxoff: bool = False) -> Any:
+    """Open a device path (``/dev/ttyUSB0``, ``/dev/pts/3``) or pyserial URL (``loop://``).
+
+    Raises ``serial.SerialException`` (device missing, busy, no permission) or
+    ValueError (bad setting), each naming the port.
+    """
+    if parity.upper() not in PARITIES:
+        raise ValueError(f"{url}: parity must be one of {', '.join(PARITIES)}, got {parity!r}")
+    if str(stopbits) not in STOPBITS:
+        raise ValueError(f"{url}: stop bits must be one of {', '.join(STOPBITS)}, got {stopbits!r}")
+    settings = dict(baudrate=baudrate, bytesize=bytesize, parity=PARITIES[parity.upper()],
+                    stopbits=STOPBITS[str(stopbits)], rtscts=rtscts, xonxoff=xonxoff,
+                    timeout=READ_TIMEOUT_S, write_timeout=WRITE_TIMEOUT_S)
+    if "://" not in url:
+        settings["exclusive"] = True  # a second reader on one tty would steal half the bytes
+    return serial.serial_for_url(url, **settings)
+
+
+def add_serial_arguments(parser: Any) -> None:
+    """Add the ``serial`` subcommand's options to an argparse parser."""
+    parser.add_argument("port", help="serial device (/dev/ttyUSB0, /dev/serial0, /dev/pts/N) "
+                                     "or pyserial URL (loop://, rfc2217://host:port)")
+    parser.add_argument("--mode", choices=MODES, default="terminal",
+                        help="terminal: for a person (echo, editing, tables); line: one JSON answer per line")
+    parser.add_argument("--baud", type=int, default=115200, help="baud rate")
+    parser.add_argument("--bytesize", type=int, choices=(5, 6, 7, 8), default=8, help="data bits")
+    parser.add_argument("--parity", choices=sorted(PARITIES), default="N", help="parity")
+    parser.add_argument("--stopbits", choices=sorted(STOPBITS), default="1", help="stop bits")
+    parser.add_argument("--rtscts", action="store_true", help="RTS/CTS hardware flow control")
+    parser.add_argument("--xonxoff", action="store_true", help="XON/XOFF software flow control")
+    parser.add_argument("--top-k", type=int, default=5, help="candidates per blank")
+    parser.add_argument("--max-line", type=int, default=DEFAULT_MAX_LINE,
+                        help="longest accepted line, in characters")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt shown in terminal mode")
+    parser.add_argument("--no-echo", dest="echo", action="store_false",
+                        help="do not echo typed characters (for terminals with local echo)")
+    parser.add_argument("--encoding", default="utf-8",
+                        help="character encoding on the wire (utf-8; gb18030 for old terminals)")
+    parser.add_argument("--max-backoff", type=float, default=30.0,
+                        help="longest wait, in seconds, between attempts to reopen a lost port")
+
+
+def serial_options(port: str, **overrides: Any) -> argparse.Namespace:
+    """Return the ``serial`` options with their defaults for ``port``, plus ``overrides``.
+
+    For a process that serves HTTP and a serial port with one engine, e.g.
+    ``start_serial(serial_options("/dev/ttyUSB0", mode="line"), engine)``.
+    """
+    parser = argparse.ArgumentParser(add_help=False)
+    add_serial_arguments(parser)
+    options = parser.parse_args([port])
+    for key, value in overrides.items():
+        if not hasattr(options, key):
+            raise ValueError(f"unknown serial option {key!r}")
+        setattr(options, key, value)
+    return options
+
+
+def start_serial(args: Any, engine: Any) -> SerialTerminal:
+    """Open the port named in ``args`` and start serving it in a background thread.
+
+    For running next to the HTTP service in one process (sharing ``engine`` and its
+    micro-batcher). Raises ``serial.SerialException``/ValueError if the port
+    cannot be opened at start.
+    """
+    def reopen() -> Any:
+        return open_port(args.port, args.baud, args.bytesize, args.parity, args.stopbits,
+                         args.rtscts, args.xonxoff)
+
+    port = reopen()
+    terminal = SerialTerminal(port, engine, mode=args.mode, top_k=args.top_k, max_line=args.max_line,
+                              prompt=args.prompt, echo=args.echo, encoding=args.encoding,
+                              reopen=reopen, max_backoff_s=args.max_backoff)
+    terminal.start()
+    LOG.info("serving %s in %s mode (%d baud, %d%s%s)", args.port, args.mode, args.baud,
+             args.bytesize, args.parity, args.stopbits)
+    return terminal
+
+
+def run_serial(args: Any, engine: Any) -> int:
+    """Serve the serial port in ``args`` until SIGTERM/SIGINT; return an exit code.
+
+    Returns 2, after logging a one-line reason, when the port cannot be opened.
+    """
+    try:
+        terminal = start_serial(args, engine)
+    except (serial.SerialException, ValueError, LookupError) as exc:
+        LOG.error("cannot serve %s: %s", args.port, exc)
+        return 2
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: terminal.stop())
+    try:
+        while terminal.alive:
+            terminal.join(0.5)
+    except KeyboardInterrupt:
+        pass
+    terminal.close()
+    return 0
