@@ -23,7 +23,10 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512)
+# Multiples of 8 up to 32, then steps of ~1.5x: a 19-token query runs at 24, not 32
+# (bert-base: 25% less work). The engine runs ONNX Runtime without its memory arena,
+# so more distinct shapes no longer mean more resident memory.
+DEFAULT_BUCKETS = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
 
 @dataclass

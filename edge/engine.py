@@ -430,6 +430,7 @@ class Engine:
             "quantization": m.quantization,
             "evaluation": m.evaluation,
             "training": m.training,
+            "notes": m.notes,
             "files": {name: {"size": e.size, "sha256": e.sha256} for name, e in m.files.items()},
             "bundle": str(self.bundle.path),
             "threads": self.threads,

@@ -1,0 +1,367 @@
+"""``python -m tools evaluate``: accuracy of a bundle, measured through the edge engine.
+
+Everything goes through ``edge.engine.Engine`` (``predict`` / ``score_fillers``), so
+the figures are those of what ships: tokenizer, trimmed vocabulary, ONNX graph,
+quantization and the engine's own decoding.
+
+(a) Random-character cloze: in each held-apart passage one CJK character, chosen
+    with a seeded generator, is replaced by ``[MASK]``; top-1 / top-5 accuracy of
+    ``predict(text, top_k=5)``. The passages are a text file (one a line) or, by
+    default, the test split of ``../shared/data`` computed with the same function
+    ``pretrain`` uses (:func:`tools.wwm.held_apart_passages`), i.e. text no model
+    of ours was trained on. A character outside the bundle's vocabulary counts as a
+    miss (the model cannot produce it).
+(b) ChID idiom choice (FewCLUE ``chid/dev_few_all.json``): ``#idiom#`` becomes four
+    ``[MASK]``; each of the 7 candidates is scored by its joint log-probability
+    (``score_fillers``, chain rule left to right); the best one is the answer.
+    Chance is 1/7. When a passage holds several ``#idiom#`` the first is the blank
+    the candidates belong to (as :func:`tools.corpus.record_text` assumes) and the
+    others are deleted (the engine would read them as text otherwise).
+(c) Several bundles (``--bundle`` repeated, or ``--compare FP32_DIR``) are measured
+    on the same items; the report adds each bundle's top-1 agreement with the first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from tools import ToolError
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+DEFAULT_CHID = SHARED / "data" / "fewclue" / "chid" / "dev_few_all.json"
+DEFAULT_DATA = SHARED / "data"
+CJK_RE = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+# Text the engine reads as a blank (or that would make the passage ambiguous).
+BLANK_LIKE_RE = re.compile(r"[\[［]\s*MASK\s*[\]］]", re.IGNORECASE)
+IDIOM = "#idiom#"
+MASK = "[MASK]"
+
+
+@dataclass(frozen=True)
+class ClozeItem:
+    """One cloze query: ``text`` has one ``[MASK]`` where ``answer`` was."""
+
+    text: str
+    answer: str
+    passage: int
+
+
+@dataclass(frozen=True)
+class ChidItem:
+    """One ChID question: ``text`` has one blank of four ``[MASK]``."""
+
+    text: str
+    candidates: tuple[str, ...]
+    answer: int
+    line: int
+
+
+def make_cloze_items(passages: Sequence[str], count: int | None, seed: int = 0) -> list[ClozeItem]:
+    """Pick up to ``count`` passages (seeded order) and mask one random CJK character in each.
+
+    Passages without a CJK character or that already contain a blank marker are
+    left out.
+    """
+    rng = random.Random(seed)
+    order = list(range(len(passages)))
+    rng.shuffle(order)
+    items: list[ClozeItem] = []
+    for index in order:
+        if count is not None and len(items) >= count:
+            break
+        passage = passages[index].strip()
+        if BLANK_LIKE_RE.search(passage):
+            continue
+        positions = [m.start() for m in CJK_RE.finditer(passage)]
+        if not positions:
+            continue
+        at = rng.choice(positions)
+        items.append(ClozeItem(text=passage[:at] + MASK + passage[at + 1:], answer=passage[at], passage=index))
+    return items
+
+
+def read_passages(path: str | Path) -> list[str]:
+    """Passages of a text file, one a line (empty lines skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ToolError(f"{path}: cloze text file not found")
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as exc:
+        raise ToolError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    passages = [line.strip() for line in lines if line.strip()]
+    if not passages:
+        raise ToolError(f"{path}: no passages (expected one passage a line)")
+    return passages
+
+
+def chid_text(content: str, blank_chars: int = 4) -> str:
+    """ChID content with its first ``#idiom#`` as the blank and the others removed."""
+    first = content.find(IDIOM)
+    if first < 0:
+        raise ValueError(f"no {IDIOM} in the content")
+    before = content[:first].replace(IDIOM, "")
+    after = content[first + len(IDIOM):].replace(IDIOM, "")
+    # Remove anything the engine would read as a second blank.
+    before, after = BLANK_LIKE_RE.sub("", before), BLANK_LIKE_RE.sub("", after)
+    return before + MASK * blank_chars + after
+
+
+def read_chid(path: str | Path, count: int | None = None) -> list[ChidItem]:
+    """Read ChID questions (FewCLUE JSON lines: content, candidates, answer)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ToolError(f"{path}: ChID file not found")
+    items: list[ChidItem] = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
+        if not line.strip():
+            continue
+        if count is not None and len(items) >= count:
+            break
+        try:
+            record = json.loads(line)
+            content, candidates, answer = record["content"], record["candidates"], record["answer"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ToolError(f"{path}:{number}: not a ChID record with content/candidates/answer ({exc})") from exc
+        if not isinstance(candidates, list) or not candidates or not isinstance(answer, int) \
+                or not 0 <= answer < len(candidates):
+            raise ToolError(f"{path}:{number}: answer {answer!r} does not index the candidates")
+        try:
+            text = chid_text(content, max(len(c) for c in candidates))
+        except ValueError as exc:
+            raise ToolError(f"{path}:{number}: {exc}") from exc
+        items.append(ChidItem(text=text, candidates=tuple(candidates), answer=answer, line=number))
+    if not items:
+        raise ToolError(f"{path}: no ChID questions")
+    return items
+
+
+def _map(function: Callable, items: Sequence, workers: int) -> list:
+    """Apply ``function`` over ``items``; several workers let the engine micro-batch."""
+    if workers <= 1:
+        return [function(item) for item in items]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(function, items))
+
+
+def evaluate_cloze(engine, items: Sequence[ClozeItem], top_k: int = 5, workers: int = 4,
+                   progress: Callable[[str], None] | None = None) -> dict:
+    """Top-1 / top-k accuracy of ``engine.predict`` on ``items``.
+
+    A query the engine rejects (``ValueError`` / ``InputError``) or that yields a
+    number of blanks other than one is *skipped* (counted in ``cloze_skipped``),
+    not scored.
+    """
+    def ask(item: ClozeItem):
+        try:
+            result = engine.predict(item.text, top_k=top_k)
+        except ValueError as exc:
+            return None, f"{getattr(exc, 'code', 'error')}: {exc}"
+        if len(result.get("blanks", [])) != 1:
+            return None, f"{len(result.get('blanks', []))} blanks"
+        return [c["text"] for c in result["blanks"][0]["candidates"]], None
+
+    started = time.monotonic()
+    answers = _map(ask, items, workers)
+    top1 = topk = scored = 0
+    predictions: list[str | None] = []
+    skipped: list[str] = []
+    for item, (candidates, problem) in zip(items, answers):
+        if candidates is None:
+            skipped.append(problem)
+            predictions.append(None)
+            continue
+        scored += 1
+        predictions.append(candidates[0] if candidates else None)
+        top1 += bool(candidates) and candidates[0] == item.answer
+        topk += item.answer in candidates[:top_k]
+    if progress:
+        progress(f"cloze: {scored} scored, {len(skipped)} skipped in {time.monotonic() - started:.1f} s")
+    return {"cloze_top1": top1 / scored if scored else None, f"cloze_top{top_k}": topk / scored if scored else None,
+            "n_cloze": scored, "cloze_skipped": len(skipped), "cloze_skip_reasons": sorted(set(skipped))[:5],
+            "cloze_seconds": round(time.monotonic() - started, 2), "_cloze_predictions": predictions}
+
+
+def evaluate_chid(engine, items: Sequence[ChidItem], workers: int = 4,
+                  progress: Callable[[str], None] | None = None) -> dict:
+    """Accuracy of choosing the ChID candidate with the highest joint log-probability."""
+    def choose(item: ChidItem):
+        try:
+            scores = engine.score_fillers(item.text, list(item.candidates))
+        except ValueError as exc:
+            return None, f"line {item.line}: {getattr(exc, 'code', 'error')}: {exc}"
+        if len(scores) != len(item.candidates):
+            return None, f"line {item.line}: {len(scores)} scores for {len(item.candidates)} candidates"
+        return max(range(len(scores)), key=lambda i: scores[i]), None
+
+    started = time.monotonic()
+    answers = _map(choose, items, workers)
+    correct = scored = 0
+    skipped = []
+    choices: list[int | None] = []
+    for item, (choice, problem) in zip(items, answers):
+        choices.append(choice)
+        if choice is None:
+            skipped.append(problem)
+            continue
+        scored += 1
+        correct += choice == item.answer
+    chance = sum(1 / len(i.candidates) for i in items) / len(items) if items else None
+    if progress:
+        progress(f"chid: {scored} scored, {len(skipped)} skipped in {time.monotonic() - started:.1f} s")
+    return {"chid_acc": correct / scored if scored else None, "n_chid": scored, "chid_chance": chance,
+            "chid_skipped": len(skipped), "chid_skip_reasons": skipped[:5],
+            "chid_seconds": round(time.monotonic() - started, 2), "_chid_choices": choices}
+
+
+def evaluate_engine(engine, cloze: Sequence[ClozeItem], chid: Sequence[ChidItem], workers: int = 4,
+                    progress: Callable[[str], None] | None = None) -> dict:
+    """Cloze and ChID figures of one engine (private per-item answers under ``_`` keys)."""
+    result: dict = {}
+    if cloze:
+        result.update(evaluate_cloze(engine, cloze, workers=workers, progress=progress))
+    if chid:
+        result.update(evaluate_chid(engine, chid, workers=workers, progress=progress))
+    return result
+
+
+def agreement(first: Sequence, other: Sequence) -> float | None:
+    """Share of items where both answered and gave the same answer."""
+    pairs = [(a, b) for a, b in zip(first, other) if a is not None and b is not None]
+    return sum(a == b for a, b in pairs) / len(pairs) if pairs else None
+
+
+def describe(engine, path) -> dict:
+    """Name, quantization and size of the bundle behind ``engine``."""
+    info = engine.info() if hasattr(engine, "info") else {}
+    quant = info.get("quantization")
+    if isinstance(quant, dict):
+        # e.g. {"method": "...quantize_dynamic", "weight_type": "QInt8", ...} → "int8"
+        kind = str(quant.get("weight_type") or quant.get("type") or "").lower()
+        quant = "int8" if "int8" in kind else (quant.get("type") or quant.get("method") or "quantized")
+    files = info.get("files") or {}
+    size = 0
+    for entry in files.values():
+        size += entry.get("size", 0) if isinstance(entry, dict) else getattr(entry, "size", 0)
+    return {"bundle": str(path) if path else "(default bundle)", "name": info.get("name"),
+            "quantization": quant or "fp32", "random_init": info.get("random_init"),
+            "vocab_size": info.get("vocab_size"), "bundle_bytes": size or None}
+
+
+def public(result: dict) -> dict:
+    """The result without per-item answers."""
+    return {k: v for k, v in result.items() if not k.startswith("_")}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Command-line options of ``evaluate``."""
+    parser.add_argument("--bundle", type=Path, action="append", default=None,
+                        help="bundle folder (repeat to compare; none: the embedded default bundle)")
+    parser.add_argument("--compare", type=Path, action="append", default=[],
+                        help="another bundle (e.g. the FP32 one) measured on the same items")
+    parser.add_argument("--chid", type=Path, default=DEFAULT_CHID, help="ChID JSON lines ('' to skip)")
+    parser.add_argument("--cloze-text", type=Path, default=None,
+                        help="passages, one a line (default: held-apart split of --data)")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="corpus for the default cloze passages")
+    parser.add_argument("--test-fraction", type=float, default=0.02, help="held-apart share (as in pretrain)")
+    parser.add_argument("--max-cloze", type=int, default=2000, help="cloze items (0: skip the cloze test)")
+    parser.add_argument("--max-chid", type=int, default=None, help="ChID questions (default all; 0: skip)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for passage order and masked positions")
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: usable cores)")
+    parser.add_argument("--workers", type=int, default=4, help="concurrent queries (lets the engine batch)")
+    parser.add_argument("--json", action="store_true",
+                        help="print only the figures as JSON on stdout (one object; a list for several bundles)")
+    parser.add_argument("--report", type=Path, default=None, metavar="OUT_DIR",
+                        help="write evaluation.md, evaluation.png and evaluation.json there")
+
+
+def _load_items(args) -> tuple[list[ClozeItem], list[ChidItem], dict]:
+    sources: dict = {}
+    cloze: list[ClozeItem] = []
+    if args.max_cloze != 0:
+        if args.cloze_text:
+            passages = read_passages(args.cloze_text)
+            sources["cloze_text"] = str(args.cloze_text)
+        else:
+            from tools.wwm import held_apart_passages
+
+            if not Path(args.data).exists():
+                raise ToolError(f"{args.data}: corpus not found; give --cloze-text FILE")
+            log.info("computing the held-apart passages of %s (test fraction %s)", args.data, args.test_fraction)
+            passages = held_apart_passages(args.data, args.test_fraction)
+            sources["cloze_text"] = f"held-apart split of {args.data} (fraction {args.test_fraction})"
+        cloze = make_cloze_items(passages, args.max_cloze, args.seed)
+        if not cloze:
+            raise ToolError("no usable cloze passages (none has a CJK character)")
+    chid: list[ChidItem] = []
+    if args.max_chid != 0 and args.chid and str(args.chid) not in ("", "."):
+        if Path(args.chid) == DEFAULT_CHID and not DEFAULT_CHID.is_file():
+            log.warning("%s is not present: ChID skipped (give --chid FILE)", DEFAULT_CHID)
+        else:
+            chid = read_chid(args.chid, args.max_chid)
+            sources["chid"] = str(args.chid)
+    if not cloze and not chid:
+        raise ToolError("nothing to evaluate: both the cloze test and ChID are off")
+    sources["seed"] = args.seed
+    return cloze, chid, sources
+
+
+def _open_engine(path, threads):
+    from edge.bundle import BundleError
+    from edge.engine import Engine
+
+    try:
+        return Engine.from_bundle(path, threads=threads)
+    except (BundleError, OSError, ValueError) as exc:
+        raise ToolError(f"{path or 'default bundle'}: cannot load the bundle: {exc}") from exc
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate each bundle on the same items; print / write the figures."""
+    if args.json and not getattr(args, "debug", False):
+        # stdout is then pure JSON (other tools parse it); warnings still show.
+        logging.getLogger().setLevel(logging.WARNING)
+    bundles = list(args.bundle or [None]) + list(args.compare)
+    for path in bundles:
+        if path is not None and not Path(path).is_dir():
+            raise ToolError(f"{path}: bundle folder not found")
+    cloze, chid, sources = _load_items(args)
+    log.info("%d cloze items, %d ChID questions; %d bundle(s)", len(cloze), len(chid), len(bundles))
+    results = []
+    for path in bundles:
+        engine = _open_engine(path, args.threads)
+        try:
+            result = describe(engine, path)
+            result.update(evaluate_engine(engine, cloze, chid, args.workers,
+                                          progress=lambda m, p=path: log.info("%s: %s", p, m)))
+        finally:
+            engine.close()
+        results.append(result)
+        log.info("%s", json.dumps({k: v for k, v in public(result).items() if "reasons" not in k},
+                                  ensure_ascii=False))
+    for result in results[1:]:
+        result["cloze_top1_agreement_with_first"] = agreement(results[0].get("_cloze_predictions", []),
+                                                              result.get("_cloze_predictions", []))
+        result["chid_agreement_with_first"] = agreement(results[0].get("_chid_choices", []),
+                                                        result.get("_chid_choices", []))
+    figures = [public(r) for r in results]
+    if args.report:
+        from tools.report import write_report
+
+        paths = write_report(figures, args.report, sources)
+        log.info("report written: %s", ", ".join(str(p) for p in paths))
+    if args.json:
+        print(json.dumps(figures[0] if len(figures) == 1 else figures, ensure_ascii=False, indent=2))
+    return 0

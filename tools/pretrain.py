@@ -1,0 +1,407 @@
+"""``python -m tools pretrain``: train a compact Chinese BERT masked-LM from scratch.
+
+Whole-word masking (jieba words, BERT-wwm: 15% of tokens, 80/10/10) on the corpora
+of ``../shared/data`` (see :mod:`tools.wwm` for the data preparation and cache).
+Training is bounded by wall-clock time (``--max-minutes``, total over resumes): the
+learning rate warms up and then decays linearly over the *fraction of the time
+budget used* (or of ``--max-steps`` when given, whichever is further along), so a
+run always ends at a small learning rate however fast the machine is. Checkpoints
+are written every ``--checkpoint-minutes`` and at the end as a normal Hugging Face
+folder (``config.json``, ``model.safetensors``, ``vocab.txt``, ``tokenizer.json``)
+that ``python -m tools build --source`` loads like any checkpoint; ``--resume``
+continues from it.
+
+Run folder layout (``--run-dir``)::
+
+    data/        prepared corpus cache (ids.npy, word_start.npy, vocab.txt, prep.json)
+                 and data/test_passages.txt, the held-apart passages for evaluation
+    checkpoint/  the latest HF checkpoint (+ training.json: what it was trained on)
+    state.pt     optimizer state, step, elapsed time, tokens seen (for --resume)
+    metrics.jsonl  one JSON object per progress line
+
+Only the time-based schedule is not bit-reproducible (it depends on speed); with
+``--max-steps`` and a time budget that is not reached, runs are deterministic for a
+given seed on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tools import ToolError
+from tools import wwm
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+DEFAULT_DATA = SHARED / "data"
+DEFAULT_BASE_VOCAB = SHARED / "models" / "bert-base-chinese" / "vocab.txt"
+SHAPE_HELP = "LAYERSxHIDDENxHEADSxINTERMEDIATE, e.g. 4x256x4x1024"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Command-line options of ``pretrain``."""
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="corpus folder or file")
+    parser.add_argument("--base-vocab", type=Path, default=DEFAULT_BASE_VOCAB,
+                        help="bert-base-chinese vocab.txt the kept vocabulary is taken from")
+    parser.add_argument("--run-dir", type=Path, default=REPO / "runs" / "wwm-small", help="run folder")
+    parser.add_argument("--shape", default="4x256x4x1024", help=SHAPE_HELP)
+    parser.add_argument("--max-position", type=int, default=128, help="max_position_embeddings")
+    parser.add_argument("--seq-len", type=int, default=128, help="training sequence length (with [CLS]/[SEP])")
+    parser.add_argument("--batch-size", type=int, default=64, help="sequences per step")
+    parser.add_argument("--lr", type=float, default=8e-4, help="peak learning rate (AdamW)")
+    parser.add_argument("--warmup", type=float, default=0.05, help="warm-up, as a fraction of the budget")
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="hidden/attention dropout (0: a short run under-fits, it does not over-fit)")
+    parser.add_argument("--mask-prob", type=float, default=0.15)
+    parser.add_argument("--mask-unit", choices=("word", "char"), default="word",
+                        help="mask whole jieba words (BERT-wwm) or single tokens (original BERT)")
+    parser.add_argument("--max-minutes", type=float, default=80.0, help="training time budget, total over resumes")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    parser.add_argument("--stop-at-step", type=int, default=None,
+                        help="save and stop at this step without changing the schedule (resume later)")
+    parser.add_argument("--checkpoint-minutes", type=float, default=10.0, help="save every N minutes")
+    parser.add_argument("--log-every", type=int, default=20, help="progress line every N steps")
+    parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint + state.pt")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:0 …)")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (for a GPU)")
+    parser.add_argument("--min-freq", type=int, default=2, help="keep tokens used at least this often")
+    parser.add_argument("--max-vocab", type=int, default=None, help="cap on the kept vocabulary size")
+    parser.add_argument("--test-fraction", type=float, default=0.02, help="held-apart share of documents")
+    parser.add_argument("--prepare-only", action="store_true", help="prepare (and cache) the data, then stop")
+    parser.add_argument("--measure", metavar="SHAPES", default=None,
+                        help="comma-separated shapes: measure training tokens/s of each, then stop")
+    parser.add_argument("--measure-seconds", type=float, default=20.0, help="time per shape for --measure")
+
+
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+    """Parse ``LxHxAxI`` (layers, hidden, heads, intermediate)."""
+    try:
+        layers, hidden, heads, inter = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise ToolError(f"--shape {text!r}: expected {SHAPE_HELP}") from None
+    if min(layers, hidden, heads, inter) <= 0 or hidden % heads:
+        raise ToolError(f"--shape {text!r}: sizes must be positive and hidden divisible by heads")
+    return layers, hidden, heads, inter
+
+
+def make_config(shape: str, vocab_size: int, max_position: int, dropout: float, pad_id: int):
+    """A ``BertConfig`` of the given shape."""
+    from transformers import BertConfig
+
+    layers, hidden, heads, inter = parse_shape(shape)
+    return BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, intermediate_size=inter,
+                      max_position_embeddings=max_position, type_vocab_size=2,
+                      hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+                      pad_token_id=pad_id, architectures=["BertForMaskedLM"])
+
+
+def masked_lm_loss(model, input_ids, attention_mask, labels):
+    """Loss and (correct, total) over masked tokens; the vocabulary projection runs
+    only at masked positions (15% of the tokens), which is what the bundle does too."""
+    import torch.nn.functional as F
+
+    hidden = model.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    selected = labels != -100
+    logits = model.cls(hidden[selected]).float()
+    target = labels[selected]
+    loss = F.cross_entropy(logits, target)
+    correct = (logits.argmax(-1) == target).sum()
+    return loss, correct, target.numel()
+
+
+def lr_factor(progress: float, warmup: float) -> float:
+    """Linear warm-up to 1 over ``warmup`` of the progress, then linear decay to 0."""
+    progress = min(max(progress, 0.0), 1.0)
+    if warmup > 0 and progress < warmup:
+        return progress / warmup
+    return max(0.0, (1.0 - progress) / max(1e-9, 1.0 - warmup))
+
+
+class Batches:
+    """Seeded, resumable batches: chunk order is a permutation per epoch, masks are
+    drawn from a generator seeded by (seed, step)."""
+
+    def __init__(self, prepared: wwm.Prepared, tokenizer, seq_len: int, batch_size: int, seed: int,
+                 mask_prob: float, whole_words: bool = True):
+        self.prepared = prepared
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.seed = seed
+        self.mask_prob = mask_prob
+        self.whole_words = whole_words
+        self.starts = wwm.chunk_starts(len(prepared), seq_len - 2)
+        self.cls_id = tokenizer.cls_token_id
+        self.sep_id = tokenizer.sep_token_id
+        self.pad_id = tokenizer.pad_token_id
+        self.mask_id = tokenizer.mask_token_id
+        self.vocab_size = len(tokenizer.get_vocab())
+        self.never = [tokenizer.convert_tokens_to_ids(t) for t in wwm.SPECIALS]
+        self.random_ids = np.setdiff1d(np.arange(self.vocab_size), self.never)
+        self._epoch = -1
+        self._order = None
+
+    def steps_per_epoch(self) -> int:
+        """Steps in one pass over the chunks (the last partial batch wraps over)."""
+        return max(1, math.ceil(len(self.starts) / self.batch_size))
+
+    def _order_of(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(len(self.starts))
+            self._epoch = epoch
+        return self._order
+
+    def get(self, step: int):
+        """The masked batch of ``step`` (deterministic)."""
+        per_epoch = self.steps_per_epoch()
+        epoch, index = divmod(step, per_epoch)
+        order = self._order_of(epoch)
+        picks = order[np.arange(index * self.batch_size, (index + 1) * self.batch_size) % len(order)]
+        ids, flags, attn = wwm.make_batch(self.prepared, self.starts[picks], self.seq_len,
+                                          self.cls_id, self.sep_id, self.pad_id)
+        if not self.whole_words:
+            flags[:] = 1  # every token a word of its own: token-level masking
+        rng = np.random.default_rng([self.seed, 1_000_003, step])
+        inputs, labels = wwm.mask_batch(ids, flags, rng, self.mask_id, self.vocab_size, self.never,
+                                        self.mask_prob, self.random_ids)
+        return inputs, attn, labels
+
+
+def _optimizer(model, lr: float, weight_decay: float):
+    import torch
+
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        # Biases and LayerNorm weights are not decayed (BERT recipe).
+        (no_decay if param.ndim < 2 or "LayerNorm" in name else decay).append(param)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, state: dict, training_info: dict) -> Path:
+    """Write ``checkpoint/`` (HF folder) and ``state.pt`` atomically (tmp + rename)."""
+    import torch
+
+    final = run_dir / "checkpoint"
+    tmp = run_dir / "checkpoint.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    # transformers 5 writes only tokenizer.json; keep the plain vocab.txt too.
+    wwm.write_vocab([t for t, _ in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])],
+                    tmp / "vocab.txt")
+    (tmp / "training.json").write_text(json.dumps(training_info, ensure_ascii=False, indent=2), encoding="utf-8")
+    old = run_dir / "checkpoint.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+    torch.save({"optimizer": optimizer.state_dict(), **state}, run_dir / "state.pt.tmp")
+    os.replace(run_dir / "state.pt.tmp", run_dir / "state.pt")
+    return final
+
+
+def measure_shapes(args, prepared: wwm.Prepared, tokenizer) -> list[dict]:
+    """Train each candidate shape for ``--measure-seconds`` and report tokens/s."""
+    import torch
+    from transformers import BertForMaskedLM
+
+    results = []
+    batches = Batches(prepared, tokenizer, args.seq_len, args.batch_size, args.seed, args.mask_prob,
+                      whole_words=args.mask_unit == "word")
+    for shape in args.measure.split(","):
+        torch.manual_seed(args.seed)
+        config = make_config(shape.strip(), len(tokenizer.get_vocab()), args.max_position, args.dropout,
+                             tokenizer.pad_token_id)
+        model = BertForMaskedLM(config).to(args.device)
+        model.train()
+        opt = _optimizer(model, args.lr, args.weight_decay)
+        params = sum(p.numel() for p in model.parameters())
+        step, tokens, started = 0, 0, None
+        while True:
+            inputs, attn, labels = (torch.from_numpy(x).to(args.device) for x in batches.get(step))
+            loss, _c, _n = masked_lm_loss(model, inputs, attn, labels)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            if step == 2:  # the first steps allocate; time from here
+                started = time.monotonic()
+            elif started is not None:
+                tokens += int(attn.sum())
+                if time.monotonic() - started >= args.measure_seconds:
+                    break
+        seconds = time.monotonic() - started
+        result = {"shape": shape.strip(), "params": params, "steps": step - 2,
+                  "tokens_per_s": round(tokens / seconds, 1), "s_per_step": round(seconds / max(step - 2, 1), 3)}
+        log.info("measure %s: %.2f M params, %.0f tokens/s, %.2f s/step", result["shape"], params / 1e6,
+                 result["tokens_per_s"], result["s_per_step"])
+        results.append(result)
+    (args.run_dir / "measure.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+    return results
+
+
+def run(args: argparse.Namespace) -> int:
+    """Prepare the data (cached), then train until the time or step budget is used."""
+    import torch
+    from transformers import BertForMaskedLM
+
+    torch.set_num_threads(max(1, args.threads))
+    run_dir: Path = args.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if args.seq_len > args.max_position:
+        raise ToolError(f"--seq-len {args.seq_len} exceeds --max-position {args.max_position}")
+    if not (0 < args.mask_prob < 1):
+        raise ToolError("--mask-prob must be between 0 and 1")
+    parse_shape(args.shape)
+    data_dir = run_dir / "data"
+    meta = wwm.prepare_corpus(args.data, data_dir, args.base_vocab, args.test_fraction,
+                              args.min_freq, args.max_vocab)
+    if args.prepare_only:
+        return 0
+    tokenizer = wwm.make_tokenizer(data_dir / "vocab.txt")
+    prepared = wwm.load_prepared(data_dir)
+    if args.measure:
+        measure_shapes(args, prepared, tokenizer)
+        return 0
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ToolError(f"--device {args.device}: no CUDA device is available")
+    torch.manual_seed(args.seed)
+    ckpt_dir, state_path = run_dir / "checkpoint", run_dir / "state.pt"
+    state = {"step": 0, "elapsed": 0.0, "tokens": 0, "masked": 0}
+    if args.resume:
+        if not (ckpt_dir / "config.json").is_file() or not state_path.is_file():
+            raise ToolError(f"--resume: {ckpt_dir} or {state_path} is missing; start without --resume")
+        model = BertForMaskedLM.from_pretrained(ckpt_dir)
+        saved = torch.load(state_path, map_location="cpu", weights_only=False)
+        for key in state:
+            state[key] = saved[key]
+        log.info("resuming %s at step %d (%.1f min trained, %.2f M tokens)", ckpt_dir, state["step"],
+                 state["elapsed"] / 60, state["tokens"] / 1e6)
+    else:
+        if state_path.exists():
+            raise ToolError(f"{run_dir} already holds a run (state.pt); use --resume or another --run-dir")
+        config = make_config(args.shape, len(tokenizer.get_vocab()), args.max_position, args.dropout,
+                             tokenizer.pad_token_id)
+        model = BertForMaskedLM(config)
+    model.to(device)
+    model.train()
+    optimizer = _optimizer(model, args.lr, args.weight_decay)
+    if args.resume:
+        optimizer.load_state_dict(saved["optimizer"])
+    params = sum(p.numel() for p in model.parameters())
+    batches = Batches(prepared, tokenizer, args.seq_len, args.batch_size, args.seed, args.mask_prob,
+                      whole_words=args.mask_unit == "word")
+    budget = args.max_minutes * 60
+    log.info("model %s: %.2f M parameters, vocab %d; %d tokens, %d chunks of %d, %d steps/epoch; "
+             "budget %.1f min%s, device %s, threads %d", args.shape, params / 1e6, len(tokenizer.get_vocab()),
+             len(prepared), len(batches.starts), args.seq_len, batches.steps_per_epoch(), args.max_minutes,
+             f", max {args.max_steps} steps" if args.max_steps else "", device, torch.get_num_threads())
+
+    def progress() -> float:
+        p = state["elapsed"] / budget if budget > 0 else 1.0
+        if args.max_steps:
+            p = max(p, state["step"] / args.max_steps)
+        return p
+
+    def training_info() -> dict:
+        return {"objective": f"masked LM, {'whole-word (jieba)' if args.mask_unit == 'word' else 'token'} "
+                             f"masking, {args.mask_prob:.0%} / 80-10-10",
+                "corpus": str(args.data), "corpus_meta": meta, "shape": args.shape, "params": params,
+                "seq_len": args.seq_len, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+                "steps": state["step"], "tokens_seen": state["tokens"], "masked_seen": state["masked"],
+                "train_minutes": round(state["elapsed"] / 60, 2), "device": str(device),
+                "threads": torch.get_num_threads(), "last": last_line}
+
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    metrics = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
+    window = {"loss": 0.0, "correct": 0, "masked": 0, "tokens": 0, "steps": 0, "t": time.monotonic()}
+    last_line: dict = {}
+    last_save = time.monotonic()
+    # SIGTERM (kill, systemd, a job runner) stops after the current step and saves,
+    # like Ctrl-C does, so --resume loses nothing.
+    stop_requested = threading.Event()
+    previous_handler = None
+    if threading.current_thread() is threading.main_thread():
+        previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.set())
+    try:
+        while progress() < 1.0 and (args.stop_at_step is None or state["step"] < args.stop_at_step):
+            if stop_requested.is_set():
+                log.warning("SIGTERM: saving a checkpoint at step %d and stopping", state["step"])
+                break
+            t_step = time.monotonic()
+            lr = args.lr * lr_factor(progress(), args.warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            inputs, attn, labels = (torch.from_numpy(x).to(device) for x in batches.get(state["step"]))
+            with autocast:
+                loss, correct, n_masked = masked_lm_loss(model, inputs, attn, labels)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if not math.isfinite(loss.item()):
+                raise ToolError(f"loss became {loss.item()} at step {state['step']}; lower --lr")
+            n_tokens = int(attn.sum())
+            state["step"] += 1
+            state["tokens"] += n_tokens
+            state["masked"] += n_masked
+            state["elapsed"] += time.monotonic() - t_step
+            window["loss"] += loss.item()
+            window["correct"] += int(correct)
+            window["masked"] += n_masked
+            window["tokens"] += n_tokens
+            window["steps"] += 1
+            if state["step"] % args.log_every == 0 or progress() >= 1.0:
+                now = time.monotonic()
+                last_line = {"step": state["step"], "loss": round(window["loss"] / window["steps"], 4),
+                             "mlm_acc": round(window["correct"] / max(window["masked"], 1), 4),
+                             "tokens_per_s": round(window["tokens"] / max(now - window["t"], 1e-9), 1),
+                             "lr": lr, "epoch": round(state["step"] / batches.steps_per_epoch(), 3),
+                             "tokens_seen": state["tokens"], "minutes": round(state["elapsed"] / 60, 2),
+                             "progress": round(progress(), 4)}
+                log.info("step %(step)d loss %(loss).4f acc %(mlm_acc).4f %(tokens_per_s).0f tok/s "
+                         "lr %(lr).2e epoch %(epoch).3f %(minutes).1f min (%(progress).1f%%)",
+                         {**last_line, "progress": 100 * last_line["progress"]})
+                metrics.write(json.dumps(last_line) + "\n")
+                metrics.flush()
+                window = {"loss": 0.0, "correct": 0, "masked": 0, "tokens": 0, "steps": 0, "t": now}
+            if time.monotonic() - last_save >= args.checkpoint_minutes * 60:
+                save_checkpoint(run_dir, model, tokenizer, optimizer, state, training_info())
+                log.info("checkpoint saved at step %d → %s", state["step"], ckpt_dir)
+                last_save = time.monotonic()
+    except KeyboardInterrupt:
+        log.warning("interrupted: saving a checkpoint at step %d", state["step"])
+    finally:
+        metrics.close()
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+    path = save_checkpoint(run_dir, model, tokenizer, optimizer, state, training_info())
+    log.info("done: %d steps, %.2f M tokens in %.1f min; final %s → %s", state["step"], state["tokens"] / 1e6,
+             state["elapsed"] / 60, json.dumps(last_line), path)
+    return 0
