@@ -66,5 +66,10 @@ dist: $(VENV)/.runtime-stamp
 arm-check: dist
 	tools/arm_check.sh
 
+# Side-by-side benchmark (PyTorch pipeline / plain ORT FP32 / this runtime) and the
+# HTTP load test; results in out/bench/results.md, results.json, bench.png.
+bench: $(VENV)/.dev-stamp
+	$(BIN)/python -m tools bench --out out/bench
+
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

@@ -149,13 +149,10 @@ def blank_length_arg(value: str) -> int | str:
 
 
 def setup_logging(debug: bool, stream: Any) -> None:
-    """Log to ``stream`` with timestamps; DEBUG when ``debug``."""
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=stream,
-        force=True,
-    )
+    """Log to ``stream`` (sys.stdout or sys.stderr) with timestamps; DEBUG when ``debug``."""
+    from edge.logs import setup_logging as setup
+
+    setup(debug, "stderr" if stream is sys.stderr else "stdout")
 
 
 def load_engine(args: argparse.Namespace) -> Any:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 
 from edge import __version__
+from edge.logs import setup_logging
 from tools import ToolError
 
 COMMANDS = {
@@ -47,11 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             module.add_arguments(sub_parser)
             sub_parser.set_defaults(_module=module)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stdout,
-    )
+    setup_logging(args.debug)
     if not hasattr(args, "_module"):
         parser.error(f"command {args.command!r} is not available")
     try:
