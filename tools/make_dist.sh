@@ -126,6 +126,7 @@ tar -C "$WORK" --owner=0 --group=0 -czf "$ARCHIVE" "$NAME"
 echo
 echo "archive: $ARCHIVE ($(du -h "$ARCHIVE" | cut -f1), $(stat -c %s "$ARCHIVE") bytes)"
 echo "contents (unpacked sizes):"
-(cd "$STAGE" && du -sh wheels systemd bundles 2>/dev/null | sed 's/^/  /')
+# bundles/ exists only when --bundle added extra ones (the default is inside the wheel).
+(cd "$STAGE" && for d in wheels systemd bundles; do [ -e "$d" ] && du -sh "$d"; done | sed 's/^/  /')
 echo "  wheels:"
 (cd "$STAGE/wheels" && ls -1 | sed 's/^/    /')
