@@ -127,6 +127,6 @@ echo
 echo "archive: $ARCHIVE ($(du -h "$ARCHIVE" | cut -f1), $(stat -c %s "$ARCHIVE") bytes)"
 echo "contents (unpacked sizes):"
 # bundles/ exists only when --bundle added extra ones (the default is inside the wheel).
-(cd "$STAGE" && for d in wheels systemd bundles; do [ -e "$d" ] && du -sh "$d"; done | sed 's/^/  /')
+(cd "$STAGE" && for d in wheels systemd bundles; do if [ -e "$d" ]; then du -sh "$d"; fi; done | sed 's/^/  /')
 echo "  wheels:"
 (cd "$STAGE/wheels" && ls -1 | sed 's/^/    /')
