@@ -339,16 +339,21 @@ class Engine:
     def predict(self, text: str, top_k: int = 5, blank_length: int | str | None = None) -> dict:
         """Answer one query; returns the HTTP API's JSON shape (see design.md)."""
         began = time.perf_counter()
-        query = self._parse(text, top_k, blank_length)
+        # Only answered (valid) queries are cached, so a hit needs no parsing.
         key = (text, top_k, blank_length)
-        cached = self.cache.get(key)
+        try:
+            cached = self.cache.get(key)
+        except TypeError:  # an unhashable parameter (a list from JSON): _parse rejects it
+            cached = None
         if cached is not None:
             result = copy.deepcopy(cached)
             result["cached"] = True
             result["elapsed_ms"] = round((time.perf_counter() - began) * 1000, 2)
             return result
-        answers = self._solve(query, top_k)
+        query = self._parse(text, top_k, blank_length)
+        # Built once here for the truncation flag; the search builds its own variants.
         _, _, truncated = self._build(query, [(self.mask_id,) * lengths[0] for lengths in query.lengths])
+        answers = self._solve(query, top_k)
         blanks = []
         auto = [len(lengths) > 1 for lengths in query.lengths]
         for i, candidates in enumerate(answers):
