@@ -15,12 +15,19 @@ VOCAB ?=
 CORPUS ?=
 RANDOM_INIT ?=
 
-.PHONY: run test model venv venv-dev browser dist arm-check bench clean help
+# make distill-compare
+TEACHER ?= runs/wwm-4x128/checkpoint
+MINUTES ?= 12
+
+.PHONY: run test model default-model distill-compare presets venv venv-dev browser dist arm-check bench clean help
 
 help:
 	@echo "make run    - serve the embedded default model on http://$(HOST):$(PORT)/"
 	@echo "make test   - install everything and run the test suite"
-	@echo "make model SOURCE=<hub id|folder> OUT=<dir> [VOCAB=n] [CORPUS=path] [RANDOM_INIT=1]"
+	@echo "make model SOURCE=<hub id|preset|folder> OUT=<dir> [VOCAB=n] [CORPUS=path] [RANDOM_INIT=1]"
+	@echo "make default-model [SHIP=1] - retrain the embedded default (seeded, ~75 min on 2 cores)"
+	@echo "make distill-compare [TEACHER=ckpt] [MINUTES=n] - distilled vs scratch student vs teacher report"
+	@echo "make presets - hub checkpoints: shapes, FLOPs, latency measured here (random weights)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +62,20 @@ test: $(VENV)/.dev-stamp browser
 model: $(VENV)/.dev-stamp
 	$(BIN)/python -m tools build --source $(SOURCE) --out $(OUT) \
 	  $(if $(VOCAB),--vocab $(VOCAB)) $(if $(CORPUS),--corpus $(CORPUS)) $(if $(RANDOM_INIT),--random-init)
+
+# The embedded default model, reproduced from the repo (pretrain → bundles → report;
+# SHIP=1 installs it as edge/default_bundle).
+default-model: $(VENV)/.dev-stamp
+	SHIP=$(SHIP) tools/train_default.sh
+
+# TinyBERT-style distillation of a 2-layer student from TEACHER, against the same
+# student trained from scratch for the same MINUTES; report in runs/distill/report/.
+distill-compare: $(VENV)/.dev-stamp
+	tools/distill_compare.sh $(TEACHER) $(MINUTES)
+
+# Which checkpoint for which board: the preset table, each shape timed here.
+presets: $(VENV)/.dev-stamp
+	$(BIN)/python -m tools presets --measure --out out/presets --threads 2
 
 # One offline-installable archive for a Pi (aarch64 wheels for Python 3.11 and 3.13,
 # the package, the bundle(s), the units, install.sh / uninstall.sh).

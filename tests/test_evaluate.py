@@ -150,7 +150,7 @@ def test_run_with_fake_engines_prints_json_and_writes_report(tmp_path, monkeypat
     monkeypatch.setattr(ev, "_open_engine", lambda path, threads: engines[Path(path).name])
     report = tmp_path / "report"
     rc = main(["evaluate", "--bundle", str(tmp_path / "int8"), "--compare", str(tmp_path / "fp32"),
-               "--cloze-text", str(text), "--chid", str(chid), "--json", "--report", str(report)])
+               "--cloze-text", str(text), "--chid", str(chid), "--json", "--report", str(report), "--no-latency"])
     assert rc == 0
     out = capsys.readouterr().out
     figures = json.loads(out[out.index("["):])
@@ -162,7 +162,7 @@ def test_run_with_fake_engines_prints_json_and_writes_report(tmp_path, monkeypat
     assert all(e.closed for e in engines.values())
     for name in ("evaluation.md", "evaluation.png", "evaluation.json"):
         assert (report / name).stat().st_size > 0
-    assert "| oracle | int8 |" in (report / "evaluation.md").read_text(encoding="utf-8")
+    assert "| oracle | – | – | int8 |" in (report / "evaluation.md").read_text(encoding="utf-8")
 
 
 def test_json_for_one_bundle_has_the_documented_keys(tmp_path, monkeypatch, capsys):
@@ -173,7 +173,7 @@ def test_json_for_one_bundle_has_the_documented_keys(tmp_path, monkeypatch, caps
     (tmp_path / "b").mkdir()
     monkeypatch.setattr(ev, "_open_engine", lambda path, threads: OracleEngine(PASSAGES))
     assert main(["evaluate", "--bundle", str(tmp_path / "b"), "--cloze-text", str(text), "--chid", "",
-                 "--json"]) == 0
+                 "--json", "--no-latency"]) == 0
     out = capsys.readouterr().out
     figures = json.loads(out[out.index("{"):])
     assert {"cloze_top1", "cloze_top5", "n_cloze"} <= figures.keys()
@@ -207,3 +207,38 @@ def test_real_engine_on_the_tiny_bundle(tiny_bundle_dir, tmp_path):
     assert result["n_chid"] == 1
     for key in ("cloze_top1", "cloze_top5", "chid_acc"):
         assert result[key] is None or 0.0 <= result[key] <= 1.0
+
+
+def test_cli_on_the_tiny_bundle_measures_latency_and_charts_it(tiny_bundle_dir, tmp_path, capsys):
+    from tools.__main__ import main
+
+    text = tmp_path / "passages.txt"
+    text.write_text("\n".join(PASSAGES) + "\n", encoding="utf-8")
+    report = tmp_path / "report"
+    assert main(["evaluate", "--bundle", str(tiny_bundle_dir), "--cloze-text", str(text), "--chid", "",
+                 "--json", "--threads", "1", "--name", "tiny", "--report", str(report)]) == 0
+    out = capsys.readouterr().out
+    figures = json.loads(out[out.index("{"):])
+    assert figures["name"] == "tiny"
+    assert 0 < figures["latency_ms_p90"] and 0 < figures["latency_ms_median"] <= figures["latency_ms_p90"]
+    md = (report / "evaluation.md").read_text(encoding="utf-8")
+    assert "| tiny | 2x32x2x64 | – | int8 |" in md and "latency (ms)" in md and "1 thread(s)" in md
+    assert (report / "evaluation.png").stat().st_size > 0
+
+
+def test_presets_table_lists_the_hub_checkpoints_and_times_a_bundle(tiny_bundle_dir, capsys):
+    from tools.__main__ import main
+    from tools.checkpoint import PRESETS
+
+    assert main(["presets", "--json", "--bundle", str(tiny_bundle_dir), "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads(out[out.index("["):])
+    names = [r["name"] for r in rows]
+    assert names[:len(PRESETS)] == list(PRESETS)
+    base = rows[0]
+    # bert-base-chinese: ~102 M parameters, ~5.5 GFLOP for a 32-token query.
+    assert 100e6 < base["params"] < 105e6 and 5.0 < base["gflop"] < 6.0
+    rbt3 = rows[names.index("rbt3")]
+    assert rbt3["gflop"] < base["gflop"] / 3.5
+    tiny = rows[-1]
+    assert tiny["median_ms"] > 0 and tiny["pi4_ms"] > 0 and tiny["bundle_bytes"] > 0

@@ -275,3 +275,65 @@ def test_sigterm_stops_cleanly_and_saves_a_checkpoint(tiny_corpus, tmp_path):
     info = json.loads((run_dir / "checkpoint" / "training.json").read_text(encoding="utf-8"))
     assert 3 <= info["steps"] < 100000
     assert (run_dir / "state.pt").is_file()
+
+
+def test_sequence_length_schedule_parses_and_steps_up():
+    from tools.pretrain import parse_seq_schedule, seq_len_at
+
+    schedule = parse_seq_schedule("16:0.3, 32:0.6", 128)
+    assert schedule == [(16, 0.3), (32, 0.6), (128, 1.0)]
+    assert [seq_len_at(schedule, p) for p in (0.0, 0.29, 0.3, 0.59, 0.6, 0.99, 1.0)] == [16, 16, 32, 32, 128, 128, 128]
+    assert parse_seq_schedule("", 64) == [(64, 1.0)]
+    for bad in ("16", "16:x", "256:0.5", "16:1.2", "32:0.5,16:0.4"):
+        with pytest.raises(ToolError, match="--seq-schedule"):
+            parse_seq_schedule(bad, 128)
+
+
+def test_tiny_pretrain_with_a_length_schedule_keeps_tokens_per_step(tiny_corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    assert _pretrain(tiny_corpus, run_dir, "--max-steps", "8", "--seq-schedule", "8:0.5") == 0
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["seq_len"] for m in lines] == [8, 8, 32, 32]
+    info = json.loads((run_dir / "checkpoint" / "training.json").read_text(encoding="utf-8"))
+    assert info["seq_schedule"] == "8:0.5" and info["steps"] == 8
+    # 4 sequences of 32 = 16 of 8 tokens: the first half saw as many tokens per step
+    # (all chunks are full-length in this corpus).
+    assert info["tokens_seen"] == 8 * 4 * 32
+
+
+def test_mixed_masking_uses_character_masking_on_about_half_the_rows(tiny_corpus, tmp_path):
+    from tools import pretrain
+
+    run_dir = tmp_path / "run"
+    assert _pretrain(tiny_corpus, run_dir, "--prepare-only") == 0
+    tokenizer = wwm.make_tokenizer(run_dir / "data" / "vocab.txt")
+    prepared = wwm.load_prepared(run_dir / "data")
+    word = pretrain.Batches(prepared, tokenizer, 32, 64, 0, 0.15)
+    mixed = pretrain.Batches(prepared, tokenizer, 32, 64, 0, 0.15, mixed=True)
+    _, word_flags, _ = word.unmasked(3)
+    ids, mixed_flags, _ = mixed.unmasked(3)
+    all_chars = (mixed_flags == 1).all(axis=1)
+    assert 0.25 < all_chars.mean() < 0.75  # those rows mask single characters
+    # The other rows keep the jieba word boundaries.
+    np.testing.assert_array_equal(mixed_flags[~all_chars], word_flags[~all_chars])
+    assert not (word_flags == 1).all(axis=1).all()
+
+
+def test_init_from_continues_with_a_shorter_position_table(tiny_corpus, tmp_path):
+    from transformers import BertForMaskedLM
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert _pretrain(tiny_corpus, first, "--max-steps", "4") == 0
+    assert _pretrain(tiny_corpus, second, "--max-steps", "2", "--init-from", str(first / "checkpoint"),
+                     "--max-position", "16", "--seq-len", "16", "--mask-unit", "mixed") == 0
+    before = BertForMaskedLM.from_pretrained(first / "checkpoint")
+    after = BertForMaskedLM.from_pretrained(second / "checkpoint")
+    assert after.config.max_position_embeddings == 16
+    assert after.bert.embeddings.position_embeddings.weight.shape[0] == 16
+    # Two small steps from the first run's weights: close to them, not a fresh init.
+    diff = (after.bert.embeddings.word_embeddings.weight - before.bert.embeddings.word_embeddings.weight).abs().max().item()
+    assert 0 < float(diff) < 0.05
+    info = json.loads((second / "checkpoint" / "training.json").read_text(encoding="utf-8"))
+    assert info["init_from"] == str(first / "checkpoint") and "half the sequences" in info["objective"]
+    assert _pretrain(tiny_corpus, tmp_path / "third", "--max-steps", "2", "--init-from",
+                     str(first / "checkpoint"), "--max-position", "64") == 2

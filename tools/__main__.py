@@ -22,7 +22,10 @@ COMMANDS = {
     "quantize": ("tools.quantize", "FP32 ONNX → dynamic INT8 ONNX"),
     "verify": ("tools.verify", "check a bundle against its source checkpoint"),
     "pretrain": ("tools.pretrain", "train the compact Chinese masked-LM (whole-word masking)"),
+    "distill": ("tools.distill", "TinyBERT-style distillation of a compact student from a teacher"),
+    "presets": ("tools.presets", "hub checkpoints to start from: shapes, FLOPs, measured/estimated latency"),
     "evaluate": ("tools.evaluate", "cloze and ChID accuracy of a bundle"),
+    "ship": ("tools.ship", "install a bundle as the embedded default, with its measured accuracy"),
     "bench": ("tools.bench", "side-by-side latency / memory benchmark"),
 }
 

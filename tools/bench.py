@@ -55,7 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 BERT_SOURCE = SHARED / "models" / "bert-base-chinese"
 DEFAULT_BUNDLE = REPO / "edge" / "default_bundle"
-DEFAULT_CHECKPOINT = REPO / "runs" / "wwm-small" / "checkpoint"
+DEFAULT_CHECKPOINT = REPO / "runs" / "default" / "checkpoint"
 SYSTEMS = ("pipeline", "ort-fp32", "ours")
 SYSTEM_LABELS = {
     "pipeline": "PyTorch fill-mask pipeline (FP32)",
@@ -1287,7 +1287,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _default_checkpoint(bundle: Path) -> Path | None:
-    """The default bundle's training checkpoint: the manifest's source folder, else runs/wwm-small."""
+    """The default bundle's training checkpoint: the manifest's source folder, else runs/default."""
     try:
         source = Path(json.loads((bundle / "manifest.json").read_text(encoding="utf-8")).get("source", ""))
     except (OSError, json.JSONDecodeError):

@@ -178,7 +178,8 @@ def build_bundle(source: str, out: str | Path, vocab_size: int | None = None, co
         with step("compare INT8 with FP32", timings):
             int8_session = ort_session(int8)
             texts = stats.test_texts if stats else []
-            batches = cloze_batches(ckpt.tokenizer, texts, special, n_samples=samples, seed=seed) if texts else []
+            batches = cloze_batches(ckpt.tokenizer, texts, special, n_samples=samples, seed=seed,
+                                    max_length=min(64, config.max_position_embeddings)) if texts else []
             inputs = "masked CJK characters in held-apart corpus lines (test split)"
             if not batches:
                 from tools.verify import ClozeBatch
@@ -204,6 +205,7 @@ def build_bundle(source: str, out: str | Path, vocab_size: int | None = None, co
         base_name = name or f"{Path(ckpt.source.rstrip('/')).name}-v{config.vocab_size}"
         arch = Architecture(**architecture_of(config))
         manifest_common = dict(
+            training=training_summary(source),
             source=ckpt.source, source_revision=ckpt.revision, architecture=arch, vocab_size=config.vocab_size,
             special_ids=special, max_length=config.max_position_embeddings, random_init=ckpt.random_init,
             tool_version=edge.__version__, vocab=plan.info(),
@@ -257,6 +259,30 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-cache", action="store_true", help="recount the corpus (ignore cached counts)")
 
 
+
+
+# Fields of a ``training.json`` (written by ``tools pretrain`` / ``tools distill``)
+# that the manifest keeps: enough to say how the model was made.
+TRAINING_FIELDS = ("objective", "teacher", "teacher_shape", "layer_map", "init", "augment", "shape", "params",
+                   "seq_len", "seq_schedule", "batch_size", "lr", "seed", "steps", "tokens_seen", "train_minutes",
+                   "device", "threads", "corpus")
+
+
+def training_summary(source) -> dict | None:
+    """The training record of a checkpoint folder this project trained (else None)."""
+    path = Path(str(source)) / "training.json"
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ToolError(f"{path}: not valid JSON ({exc})") from exc
+    summary = {k: info[k] for k in TRAINING_FIELDS if k in info}
+    meta = info.get("corpus_meta") or {}
+    summary.update({k: meta[k] for k in ("train_documents", "test_documents", "train_tokens") if k in meta})
+    last = info.get("last") or {}
+    summary.update({f"final_{k}": last[k] for k in ("loss", "mlm_acc", "soft_ce", "teacher_agree") if k in last})
+    return summary
 
 
 def run(args) -> int:

@@ -29,6 +29,52 @@ WEIGHT_FILES = (
     "model.safetensors", "model.safetensors.index.json",
     "pytorch_model.bin", "pytorch_model.bin.index.json",
 )
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A hub checkpoint a user may pick, with its published shape."""
+
+    hub_id: str
+    layers: int
+    hidden: int
+    heads: int
+    intermediate: int
+    vocab: int
+    note: str
+
+
+# Chinese masked-LM checkpoints on the Hugging Face hub that carry an MLM head
+# (``*ForMaskedLM`` weights with ``cls.predictions``). All use the bert-base-chinese
+# character vocabulary (21,128) and load as BertForMaskedLM; the shapes are those of
+# their published config.json files.
+PRESETS: dict[str, Preset] = {
+    "bert-base-chinese": Preset("google-bert/bert-base-chinese", 12, 768, 12, 3072, 21128,
+                                "Google's original Chinese BERT (character masking)"),
+    "chinese-bert-wwm-ext": Preset("hfl/chinese-bert-wwm-ext", 12, 768, 12, 3072, 21128,
+                                   "HFL BERT-wwm-ext: whole-word masking, 5.4 B tokens of extra data"),
+    "chinese-roberta-wwm-ext": Preset("hfl/chinese-roberta-wwm-ext", 12, 768, 12, 3072, 21128,
+                                      "HFL RoBERTa-wwm-ext (BERT architecture, RoBERTa recipe)"),
+    "chinese-macbert-base": Preset("hfl/chinese-macbert-base", 12, 768, 12, 3072, 21128,
+                                   "HFL MacBERT: masks with similar words instead of [MASK] (weaker [MASK] filler)"),
+    "rbt6": Preset("hfl/rbt6", 6, 768, 12, 3072, 21128, "HFL RoBERTa-wwm-ext, 6 layers"),
+    "rbt4": Preset("hfl/rbt4", 4, 768, 12, 3072, 21128, "HFL RoBERTa-wwm-ext, 4 layers"),
+    "rbt3": Preset("hfl/rbt3", 3, 768, 12, 3072, 21128, "HFL RoBERTa-wwm-ext, 3 layers: the team's edge choice"),
+    "rbtl3": Preset("hfl/rbtl3", 3, 1024, 16, 4096, 21128, "HFL RoBERTa-wwm-ext-large, 3 layers"),
+    "chinese-roberta-wwm-ext-large": Preset("hfl/chinese-roberta-wwm-ext-large", 24, 1024, 16, 4096, 21128,
+                                            "HFL RoBERTa-wwm-ext-large: most accurate, far too slow for a Pi"),
+}
+
+
+def resolve_source(source: str) -> str:
+    """A preset name → its hub id; anything else (hub id, folder) unchanged.
+
+    A local folder of the same name wins over the preset."""
+    if source in PRESETS and not Path(source).expanduser().exists():
+        return PRESETS[source].hub_id
+    return source
+
+
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # Architectures with a masked-LM head that AutoModelForMaskedLM loads in full.
 _MLM_SUFFIXES = ("ForMaskedLM", "ForPreTraining")
@@ -121,6 +167,7 @@ def load_checkpoint(source: str = DEFAULT_SOURCE, random_init: bool = False, see
     import torch
     from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 
+    source = resolve_source(source)
     local = is_local(source)
     provenance: dict[str, Any] = {}
     kwargs: dict[str, Any] = {}
@@ -215,7 +262,8 @@ def architecture_of(config) -> dict[str, Any]:
 
 def add_source_arguments(parser) -> None:
     """Add the ``--source / --revision / --random-init / --seed`` options."""
-    parser.add_argument("--source", default=DEFAULT_SOURCE, help="hub id or local checkpoint folder")
+    parser.add_argument("--source", default=DEFAULT_SOURCE,
+                        help="hub id, preset name (python -m tools presets) or local checkpoint folder")
     parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     parser.add_argument("--random-init", action="store_true",
                         help="build the architecture with seeded random weights (config + tokenizer only)")

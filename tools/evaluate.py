@@ -255,9 +255,15 @@ def describe(engine, path) -> dict:
     size = 0
     for entry in files.values():
         size += entry.get("size", 0) if isinstance(entry, dict) else getattr(entry, "size", 0)
+    arch = info.get("architecture") or {}
+    training = info.get("training") or {}
+    shape = ("{num_layers}x{hidden_size}x{num_heads}x{intermediate_size}".format(**arch)
+             if {"num_layers", "hidden_size", "num_heads", "intermediate_size"} <= arch.keys() else None)
     return {"bundle": str(path) if path else "(default bundle)", "name": info.get("name"),
             "quantization": quant or "fp32", "random_init": info.get("random_init"),
-            "vocab_size": info.get("vocab_size"), "bundle_bytes": size or None}
+            "vocab_size": info.get("vocab_size"), "bundle_bytes": size or None, "shape": shape,
+            "train_minutes": training.get("train_minutes"),
+            "trained_by": "distillation" if training.get("teacher") else ("pretraining" if training else None)}
 
 
 def public(result: dict) -> dict:
@@ -283,6 +289,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=4, help="concurrent queries (lets the engine batch)")
     parser.add_argument("--json", action="store_true",
                         help="print only the figures as JSON on stdout (one object; a list for several bundles)")
+    parser.add_argument("--no-latency", action="store_true",
+                        help="skip the per-query latency measurement (short queries, cache and batching off)")
+    parser.add_argument("--name", action="append", default=[],
+                        help="label for the bundles in the report, in order (default: manifest name)")
     parser.add_argument("--report", type=Path, default=None, metavar="OUT_DIR",
                         help="write evaluation.md, evaluation.png and evaluation.json there")
 
@@ -348,6 +358,14 @@ def run(args: argparse.Namespace) -> int:
                                           progress=lambda m, p=path: log.info("%s: %s", p, m)))
         finally:
             engine.close()
+        if not args.no_latency:
+            from tools.presets import time_bundle
+
+            timing = time_bundle(path, args.threads, repeats=3)
+            result.update(latency_ms_median=timing["median_ms"], latency_ms_p90=timing["p90_ms"],
+                          latency_threads=timing["threads"])
+        if len(results) < len(args.name):
+            result["name"] = args.name[len(results)]
         results.append(result)
         log.info("%s", json.dumps({k: v for k, v in public(result).items() if "reasons" not in k},
                                   ensure_ascii=False))

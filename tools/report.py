@@ -25,19 +25,27 @@ def markdown(results: Sequence[dict], sources: dict | None = None) -> str:
         for key, value in sources.items():
             lines.append(f"- {key}: {value}")
         lines.append("")
-    lines += ["| bundle | quantization | size (MB) | cloze top-1 | cloze top-5 | n cloze | ChID acc | n ChID "
-              "| top-1 agreement with first |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| bundle | shape | training | quantization | size (MB) | latency (ms) | cloze top-1 | cloze top-5 "
+              "| n cloze | ChID acc | n ChID | top-1 agreement with first |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         size = r.get("bundle_bytes")
-        lines.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
-            r.get("name") or r.get("bundle"), r.get("quantization"),
-            f"{size / 1e6:.1f}" if size else "–", _pct(r.get("cloze_top1")), _pct(r.get("cloze_top5")),
+        latency = r.get("latency_ms_median")
+        trained = (f"{r['trained_by']}, {r['train_minutes']:.0f} min" if r.get("trained_by") and
+                   r.get("train_minutes") is not None else "–")
+        lines.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+            r.get("name") or r.get("bundle"), r.get("shape") or "–", trained, r.get("quantization"),
+            f"{size / 1e6:.1f}" if size else "–", f"{latency:.1f}" if latency is not None else "–",
+            _pct(r.get("cloze_top1")), _pct(r.get("cloze_top5")),
             r.get("n_cloze", "–"), _pct(r.get("chid_acc")), r.get("n_chid", "–"),
             _pct(r.get("cloze_top1_agreement_with_first")) if "cloze_top1_agreement_with_first" in r else "–"))
     chance = next((r.get("chid_chance") for r in results if r.get("chid_chance")), None)
     if chance:
         lines += ["", f"ChID chance level: {_pct(chance)} (one of {round(1 / chance)} candidates)."]
+    if any(r.get("latency_ms_median") is not None for r in results):
+        threads = next((r.get("latency_threads") for r in results if r.get("latency_threads")), "?")
+        lines += ["", f"Latency: median per query (≤32 tokens, one blank) through the edge engine, cache and "
+                      f"batching off, {threads} thread(s), on the machine that ran the evaluation."]
     lines += ["", "![accuracy](evaluation.png)", ""]
     return "\n".join(lines)
 
@@ -50,7 +58,20 @@ def bar_chart(results: Sequence[dict], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     metrics = [(k, t) for k, t in METRICS if any(r.get(k) is not None for r in results)]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    timed = [r for r in results if r.get("latency_ms_median") is not None and r.get("cloze_top1") is not None]
+    if timed:
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4), dpi=100, gridspec_kw={"width_ratios": [3, 2]})
+        for r in timed:
+            ax2.scatter(r["latency_ms_median"], 100 * r["cloze_top1"], s=40)
+            ax2.annotate(_label(r), (r["latency_ms_median"], 100 * r["cloze_top1"]), fontsize=7,
+                         xytext=(4, 4), textcoords="offset points")
+        ax2.set_xlabel("latency per query (ms, median)")
+        ax2.set_ylabel("cloze top-1 (%)")
+        ax2.set_xlim(left=0)
+        ax2.set_ylim(bottom=0)
+        ax2.set_title("accuracy per millisecond", fontsize=9)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     width = 0.8 / max(len(results), 1)
     for i, r in enumerate(results):
         values = [100 * (r.get(k) or 0.0) for k, _ in metrics]

@@ -274,7 +274,8 @@ def verify_bundle(bundle: str | Path, ckpt, corpus_texts: list[str] | None = Non
             raise ToolError(f"{bundle / MODEL_FILE}: FP32 parity failed: max|diff| {parity.max_abs_diff:.3g} "
                             f"> {parity.tolerance:.3g}")
     texts = corpus_texts or []
-    batches = cloze_batches(ckpt.tokenizer, texts, special, n_samples=samples) if texts else []
+    batches = cloze_batches(ckpt.tokenizer, texts, special, n_samples=samples,
+                             max_length=min(64, ckpt.model.config.max_position_embeddings)) if texts else []
     if not batches:  # no corpus: seeded synthetic sequences still compare the logits
         batches = [ClozeBatch(*seeded_inputs(ckpt.model.config.vocab_size, special, 4, 24, 2, 100 + k),
                               answers=np.full((4, 2), -1, dtype=np.int64)) for k in range(4)]
