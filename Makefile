@@ -16,7 +16,7 @@ CORPUS ?=
 RANDOM_INIT ?=
 
 # make distill-compare
-TEACHER ?= runs/wwm-4x128/checkpoint
+TEACHER ?= runs/wwm-4x128-mixed/checkpoint
 MINUTES ?= 12
 
 .PHONY: run test model default-model distill-compare presets venv venv-dev browser dist arm-check bench clean help

@@ -20,6 +20,8 @@ from edge.manifest import (
 )
 
 DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parent / "default_bundle"
+# Other bundles shipped inside the package, chosen by name: ``--bundle distilled-2x128``.
+PACKAGED_BUNDLES_DIR = Path(__file__).resolve().parent / "bundles"
 BUILD_HINT = (
     "build one with `make model OUT=edge/default_bundle` (or "
     "`python -m tools build --out DIR`) and pass it with --bundle DIR"
@@ -59,6 +61,8 @@ def load_bundle(path: str | Path | None = None, verify: bool = True) -> Bundle:
     Raises BundleError naming the file and the expected and actual values.
     """
     folder = Path(path) if path is not None else default_bundle_path()
+    if path is not None and not folder.exists() and (PACKAGED_BUNDLES_DIR / str(path)).is_dir():
+        folder = PACKAGED_BUNDLES_DIR / str(path)  # a packaged bundle, by name
     if not folder.is_dir():
         if path is None:
             raise BundleError(f"no embedded default bundle at {folder}: {BUILD_HINT}")

@@ -299,3 +299,16 @@ def test_info_and_stats(engine):
     assert info["threads"] == 1
     stats = engine.stats()
     assert stats["batches_total"] >= 1 and stats["inferences_total"] >= stats["batches_total"]
+
+
+def test_packaged_bundles_load_by_name():
+    """Bundles shipped in edge/bundles/ are chosen by name (--bundle distilled-2x128)."""
+    from edge.bundle import PACKAGED_BUNDLES_DIR, BundleError, load_bundle
+
+    names = sorted(p.name for p in PACKAGED_BUNDLES_DIR.iterdir() if p.is_dir())
+    assert "distilled-2x128" in names
+    bundle = load_bundle("distilled-2x128")
+    assert bundle.path == PACKAGED_BUNDLES_DIR / "distilled-2x128"
+    assert not bundle.manifest.random_init and bundle.manifest.training["teacher"]
+    with pytest.raises(BundleError, match="does not exist"):
+        load_bundle("no-such-bundle")

@@ -77,6 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=float, default=0.05, help="warm-up share of each stage")
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--mask-prob", type=float, default=0.15)
+    parser.add_argument("--mask-unit", choices=("word", "char", "mixed"), default="word",
+                        help="whole-word masking, character masking, or each on half the sequences")
     parser.add_argument("--max-minutes", type=float, default=30.0, help="time budget for all stages")
     parser.add_argument("--max-steps", type=int, default=None, help="step budget for all stages (tests)")
     parser.add_argument("--log-every", type=int, default=50, help="progress line every N steps")
@@ -339,7 +341,8 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ToolError(f"--device {args.device}: no CUDA device is available")
     distiller = Distiller(teacher, student, to_teacher, args.temperature).to(device)
-    batches = Batches(prepared, tokenizer, args.seq_len, args.batch_size, args.seed, args.mask_prob)
+    batches = Batches(prepared, tokenizer, args.seq_len, args.batch_size, args.seed, args.mask_prob,
+                      whole_words=args.mask_unit == "word", mixed=args.mask_unit == "mixed")
     never = batches.never
     stages = ["intermediate", "prediction"] if args.stage == "both" else [args.stage]
     shares = ([args.intermediate_share, 1 - args.intermediate_share] if len(stages) == 2 else [1.0])
@@ -431,7 +434,7 @@ def run(args: argparse.Namespace) -> int:
                 f"soft cross-entropy at masked positions (T={args.temperature})" for s in stages),
             "teacher": source, "teacher_shape": f"{teacher.config.num_hidden_layers}x{teacher.config.hidden_size}x"
                                                 f"{teacher.config.num_attention_heads}x{teacher.config.intermediate_size}",
-            "layer_map": layers, "init": args.init, "augment": args.augment,
+            "layer_map": layers, "init": args.init, "augment": args.augment, "mask_unit": args.mask_unit,
             "corpus": str(args.data), "corpus_meta": meta, "shape": args.student_shape, "params": params,
             "seq_len": args.seq_len, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
             "steps": state["step"], "tokens_seen": state["tokens"], "masked_seen": state["masked"],

@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-TEACHER=${1:-runs/wwm-4x128/checkpoint}
+TEACHER=${1:-runs/wwm-4x128-mixed/checkpoint}
 MINUTES=${2:-12}
 OUT=${3:-runs/distill}
 STUDENT=${STUDENT:-2x128x4x512}
@@ -37,16 +37,17 @@ for init in random teacher-layers; do
     data_cache "$run"
     log "distilling $STUDENT from $TEACHER (init $init, $MINUTES min)"
     "$PY" -m tools distill --teacher "$TEACHER" --run-dir "$run" --student-shape "$STUDENT" --init "$init" \
-      --seq-len "$SEQ" --batch-size "$BATCH" --max-minutes "$MINUTES" --base-vocab "$BASE_VOCAB" \
+      --seq-len "$SEQ" --batch-size "$BATCH" --max-minutes "$MINUTES" --mask-unit mixed --base-vocab "$BASE_VOCAB" \
       --log-every 100
   fi
 done
 run="$OUT/scratch"
 if [ ! -f "$run/checkpoint/training.json" ]; then
   data_cache "$run"
-  log "training $STUDENT from scratch ($MINUTES min, the default model's recipe)"
-  "$PY" -m tools pretrain --run-dir "$run" --shape "$STUDENT" --seq-len "$SEQ" --max-position 128 \
-    --batch-size "$BATCH" --seq-schedule 16:0.3,32:0.6 --lr 1e-3 --warmup 0.03 --max-minutes "$MINUTES" --log-every 100
+  log "training $STUDENT from scratch ($MINUTES min: length warm-up, mixed masking)"
+  "$PY" -m tools pretrain --run-dir "$run" --shape "$STUDENT" --seq-len "$SEQ" --max-position "$SEQ" \
+    --batch-size "$BATCH" --seq-schedule 16:0.3,32:0.6 --mask-unit mixed --lr 1e-3 --warmup 0.03 \
+    --max-minutes "$MINUTES" --log-every 100
 fi
 
 bundles=()

@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 RUN=${1:-runs/default}
 STEPS1=${STEPS1:-14630}   # steps of the shipped run's phase 1 (75 min here)
-STEPS2=${STEPS2:-STEPS2_TBD}   # steps of its phase 2 (25 min here)
+STEPS2=${STEPS2:-4782}   # steps of its phase 2 (25 min here)
 DEVICE=${DEVICE:-cpu}
 NAME=fillmask-zh-4x128
 common=(--shape 4x128x4x512 --seed 0 --max-minutes 100000 --log-every 100 --device "$DEVICE")
