@@ -309,7 +309,7 @@ def test_mixed_masking_uses_character_masking_on_about_half_the_rows(tiny_corpus
     tokenizer = wwm.make_tokenizer(run_dir / "data" / "vocab.txt")
     prepared = wwm.load_prepared(run_dir / "data")
     word = pretrain.Batches(prepared, tokenizer, 32, 64, 0, 0.15)
-    mixed = pretrain.Batches(prepared, tokenizer, 32, 64, 0, 0.15, mixed=True)
+    mixed = pretrain.Batches(prepared, tokenizer, 32, 64, 0, 0.15, mask_unit="mixed")
     _, word_flags, _ = word.unmasked(3)
     ids, mixed_flags, _ = mixed.unmasked(3)
     all_chars = (mixed_flags == 1).all(axis=1)

@@ -40,8 +40,8 @@ from pathlib import Path
 import numpy as np
 
 from tools import ToolError, wwm
-from tools.pretrain import (DEFAULT_DATA, SHAPE_HELP, Batches, lr_factor, make_config, parse_shape,
-                            save_checkpoint)
+from tools.pretrain import (DEFAULT_DATA, MASK_UNITS, SHAPE_HELP, Batches, _optimizer, lr_factor, make_config,
+                            parse_shape, save_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=float, default=0.05, help="warm-up share of each stage")
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--mask-prob", type=float, default=0.15)
-    parser.add_argument("--mask-unit", choices=("word", "char", "mixed"), default="word",
+    parser.add_argument("--mask-unit", choices=MASK_UNITS, default="word",
                         help="whole-word masking, character masking, or each on half the sequences")
     parser.add_argument("--max-minutes", type=float, default=30.0, help="time budget for all stages")
     parser.add_argument("--max-steps", type=int, default=None, help="step budget for all stages (tests)")
@@ -202,10 +202,11 @@ class Distiller:
         return self
 
     def trainable(self, stage: str) -> list:
-        """Parameters trained in ``stage`` (projections only in the intermediate one)."""
-        params = list(self.student.parameters())
+        """(name, parameter) pairs trained in ``stage`` (projections only in the intermediate one)."""
+        params = list(self.student.named_parameters())
         if stage == "intermediate":
-            params += list(self.proj_embedding.parameters()) + list(self.proj_hidden.parameters())
+            params += [(f"proj_embedding.{n}", p) for n, p in self.proj_embedding.named_parameters()]
+            params += [(f"proj_hidden.{n}", p) for n, p in self.proj_hidden.named_parameters()]
         return params
 
     def loss(self, stage: str, inputs, attention_mask, labels) -> tuple:
@@ -213,10 +214,11 @@ class Distiller:
         import torch
 
         teacher_inputs = self.to_teacher[inputs]
+        hidden = stage == "intermediate"  # the prediction stage needs the last layer only
         with torch.no_grad():
             t_out = self.teacher.base_model(input_ids=teacher_inputs, attention_mask=attention_mask,
-                                            output_hidden_states=True)
-        s_out = self.student.base_model(input_ids=inputs, attention_mask=attention_mask, output_hidden_states=True)
+                                            output_hidden_states=hidden)
+        s_out = self.student.base_model(input_ids=inputs, attention_mask=attention_mask, output_hidden_states=hidden)
         if stage == "intermediate":
             t_h, s_h = t_out.hidden_states, s_out.hidden_states
             emb = hidden_loss(s_h[0], t_h[0], self.proj_embedding, attention_mask)
@@ -246,7 +248,8 @@ def augment_words(teacher, to_teacher, ids: np.ndarray, flags: np.ndarray, attn:
 
     TinyBERT's augmentation for single-piece words: mask the word, ask the teacher
     for its top-k fillers there, take one at random. All chosen positions of a batch
-    are masked and predicted together in one teacher pass (one word in ~1/share)."""
+    are masked and predicted together in one teacher pass (one word in ~1/share).
+    ``to_teacher`` maps student ids to teacher ids (tensor or array)."""
     import torch
 
     if share <= 0:
@@ -261,11 +264,12 @@ def augment_words(teacher, to_teacher, ids: np.ndarray, flags: np.ndarray, attn:
     masked = ids.copy()
     masked[chosen] = mask_id
     device = next(teacher.parameters()).device
+    to_teacher = torch.as_tensor(to_teacher, device=device)  # no copy when already there
     with torch.no_grad():
-        inputs = torch.as_tensor(to_teacher, device=device)[torch.as_tensor(masked, device=device)]
+        inputs = to_teacher[torch.as_tensor(masked, device=device)]
         hidden = teacher.base_model(input_ids=inputs, attention_mask=torch.as_tensor(attn, device=device))
         rows = torch.as_tensor(chosen, device=device)
-        logits = teacher.cls(hidden.last_hidden_state[rows]).float()[:, torch.as_tensor(to_teacher, device=device)]
+        logits = teacher.cls(hidden.last_hidden_state[rows]).float()[:, to_teacher]
         logits[:, torch.as_tensor(never, device=device)] = -float("inf")
         top = logits.topk(top_k, dim=-1).indices.cpu().numpy()
     pick = top[np.arange(len(top)), rng.integers(0, top_k, size=len(top))]
@@ -342,7 +346,7 @@ def run(args: argparse.Namespace) -> int:
         raise ToolError(f"--device {args.device}: no CUDA device is available")
     distiller = Distiller(teacher, student, to_teacher, args.temperature).to(device)
     batches = Batches(prepared, tokenizer, args.seq_len, args.batch_size, args.seed, args.mask_prob,
-                      whole_words=args.mask_unit == "word", mixed=args.mask_unit == "mixed")
+                      mask_unit=args.mask_unit)
     never = batches.never
     stages = ["intermediate", "prediction"] if args.stage == "both" else [args.stage]
     shares = ([args.intermediate_share, 1 - args.intermediate_share] if len(stages) == 2 else [1.0])
@@ -366,8 +370,7 @@ def run(args: argparse.Namespace) -> int:
         for stage, share in zip(stages, shares):
             student.train()
             trainable = distiller.trainable(stage)
-            optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.98), eps=1e-6,
-                                          weight_decay=args.weight_decay)
+            optimizer = _optimizer(trainable, args.lr, args.weight_decay)
             budget_s = args.max_minutes * 60 * share
             budget_steps = max(1, round(args.max_steps * share)) if args.max_steps else None
             stage_start, stage_steps = state["elapsed"], 0
@@ -384,7 +387,8 @@ def run(args: argparse.Namespace) -> int:
                     group["lr"] = args.lr * lr_factor(progress(), args.warmup)
                 ids, flags, attn = batches.unmasked(state["step"])
                 if args.augment > 0:
-                    ids = augment_words(teacher, to_teacher, ids, flags, attn, args.augment, args.augment_top_k,
+                    ids = augment_words(teacher, distiller.to_teacher, ids, flags, attn, args.augment,
+                                        args.augment_top_k,
                                         aug_rng, tokenizer.mask_token_id, never)
                 inputs, labels = batches.mask(ids, flags, state["step"])
                 inputs, attn_t, labels = (torch.from_numpy(x).to(device) for x in (inputs, attn, labels))
@@ -393,7 +397,7 @@ def run(args: argparse.Namespace) -> int:
                 if not math.isfinite(loss.item()):
                     raise ToolError(f"loss became {loss.item()} at step {state['step']} ({stage}); lower --lr")
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+                torch.nn.utils.clip_grad_norm_([p for _, p in trainable], 1.0)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 state["step"] += 1

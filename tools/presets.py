@@ -132,10 +132,9 @@ def time_bundle(bundle: Path | None, threads: int | None, repeats: int = 5) -> d
             "name": info.get("name"), "random_init": info.get("random_init")}
 
 
-def _pi(flops: float, measured_ms: float, weight_bytes: int, threads: int) -> dict[str, float]:
-    from tools.pi_estimate import PI4, PI5, estimate, host_cpu
+def _pi(host, flops: float, measured_ms: float, weight_bytes: int, threads: int) -> dict[str, float]:
+    from tools.pi_estimate import PI4, PI5, estimate
 
-    host, _ = host_cpu()
     est = estimate(flops, measured_ms, host, threads, True, weight_bytes)
     return {"pi4_ms": round(est["targets"][PI4.name]["estimate_ms"], 1),
             "pi5_ms": round(est["targets"][PI5.name]["estimate_ms"], 1)}
@@ -176,8 +175,11 @@ def run(args: argparse.Namespace) -> int:
     """Print (and optionally measure) the preset table."""
     from tools.pi_estimate import Shape, query_flops
 
+    from tools.pi_estimate import host_cpu
+
     if args.json and not getattr(args, "debug", False):
         logging.getLogger().setLevel(logging.WARNING)  # stdout is then pure JSON (warnings still show)
+    host = host_cpu()[0]
     rows: list[dict[str, Any]] = []
     measured: dict[str, dict[str, Any]] = {}
     for name, p in PRESETS.items():
@@ -192,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
             m = measured[key]
             work = measured_gflop(p.layers, p.hidden, p.intermediate, args.vocab) * 1e9
             row.update(median_ms=m["median_ms"], p90_ms=m["p90_ms"], bundle_bytes=m["bundle_bytes"],
-                       **_pi(work, m["median_ms"], m["bundle_bytes"], m["threads"] or 1))
+                       **_pi(host, work, m["median_ms"], m["bundle_bytes"], m["threads"] or 1))
         rows.append(row)
     for path in args.bundle:
         m = time_bundle(path, args.threads)
@@ -205,11 +207,9 @@ def run(args: argparse.Namespace) -> int:
         rows.append({"name": m["name"] or path.name, "where": str(path), "shape": f"{shape.layers}×{shape.hidden}",
                      "params": params, "gflop": flops / 1e9, "median_ms": m["median_ms"], "p90_ms": m["p90_ms"],
                      "bundle_bytes": m["bundle_bytes"],
-                     **_pi(measured_gflop(shape.layers, shape.hidden, shape.intermediate, shape.vocab) * 1e9,
+                     **_pi(host, measured_gflop(shape.layers, shape.hidden, shape.intermediate, shape.vocab) * 1e9,
                            m["median_ms"], m["bundle_bytes"], m["threads"] or 1)})
-    from tools.pi_estimate import host_cpu
-
-    machine = f"{host_cpu()[0].name}, {args.threads or 'all usable'} thread(s)"
+    machine = f"{host.name}, {args.threads or 'all usable'} thread(s)"
     text = markdown(rows, machine)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

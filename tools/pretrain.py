@@ -48,6 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 DEFAULT_DATA = SHARED / "data"
 DEFAULT_BASE_VOCAB = SHARED / "models" / "bert-base-chinese" / "vocab.txt"
+MASK_UNITS = ("word", "char", "mixed")
 SHAPE_HELP = "LAYERSxHIDDENxHEADSxINTERMEDIATE, e.g. 4x256x4x1024"
 
 
@@ -73,8 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init-from", type=Path, default=None,
                         help="start from this checkpoint's weights (fresh optimizer and schedules); with a smaller "
                              "--max-position its position table is cut to that length")
-    parser.add_argument("--mask-unit", choices=("word", "char", "mixed"), default="word",
-                        help="mask whole jieba words (BERT-wwm) or single tokens (original BERT)")
+    parser.add_argument("--mask-unit", choices=MASK_UNITS, default="word",
+                        help="mask whole jieba words (BERT-wwm), single tokens (original BERT), or each on "
+                             "half the sequences")
     parser.add_argument("--max-minutes", type=float, default=80.0, help="training time budget, total over resumes")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
     parser.add_argument("--stop-at-step", type=int, default=None,
@@ -200,14 +202,15 @@ class Batches:
     drawn from a generator seeded by (seed, step)."""
 
     def __init__(self, prepared: wwm.Prepared, tokenizer, seq_len: int, batch_size: int, seed: int,
-                 mask_prob: float, whole_words: bool = True, mixed: bool = False):
+                 mask_prob: float, mask_unit: str = "word"):
         self.prepared = prepared
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.seed = seed
         self.mask_prob = mask_prob
-        self.whole_words = whole_words
-        self.mixed = mixed
+        if mask_unit not in MASK_UNITS:
+            raise ValueError(f"mask_unit must be one of {MASK_UNITS}, got {mask_unit!r}")
+        self.mask_unit = mask_unit
         self.starts = wwm.chunk_starts(len(prepared), seq_len - 2)
         self.cls_id = tokenizer.cls_token_id
         self.sep_id = tokenizer.sep_token_id
@@ -237,13 +240,13 @@ class Batches:
         picks = order[np.arange(index * self.batch_size, (index + 1) * self.batch_size) % len(order)]
         ids, flags, attn = wwm.make_batch(self.prepared, self.starts[picks], self.seq_len,
                                           self.cls_id, self.sep_id, self.pad_id)
-        if self.mixed:
+        if self.mask_unit == "mixed":
             # Half the rows (seeded per step) with character masking: whole-word masking
             # alone never shows a word with one character visible and one masked
             # (咖[MASK] → 啡), which is exactly what a user's single-character blank is.
             rows = np.random.default_rng([self.seed, 2_000_003, step]).random(len(flags)) < 0.5
             flags[rows] = 1
-        elif not self.whole_words:
+        elif self.mask_unit == "char":
             flags[:] = 1  # every token a word of its own: token-level masking
         return ids, flags, attn
 
@@ -260,11 +263,12 @@ class Batches:
         return inputs, attn, labels
 
 
-def _optimizer(model, lr: float, weight_decay: float):
+def _optimizer(named_parameters, lr: float, weight_decay: float):
+    """AdamW as BERT is trained: biases and LayerNorm weights not decayed."""
     import torch
 
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    for name, param in named_parameters:
         if not param.requires_grad:
             continue
         # Biases and LayerNorm weights are not decayed (BERT recipe).
@@ -308,14 +312,14 @@ def measure_shapes(args, prepared: wwm.Prepared, tokenizer) -> list[dict]:
 
     results = []
     batches = Batches(prepared, tokenizer, args.seq_len, args.batch_size, args.seed, args.mask_prob,
-                      whole_words=args.mask_unit == "word")
+                      mask_unit=args.mask_unit)
     for shape in args.measure.split(","):
         torch.manual_seed(args.seed)
         config = make_config(shape.strip(), len(tokenizer.get_vocab()), args.max_position, args.dropout,
                              tokenizer.pad_token_id)
         model = BertForMaskedLM(config).to(args.device)
         model.train()
-        opt = _optimizer(model, args.lr, args.weight_decay)
+        opt = _optimizer(model.named_parameters(), args.lr, args.weight_decay)
         params = sum(p.numel() for p in model.parameters())
         step, tokens, started = 0, 0, None
         while True:
@@ -391,7 +395,7 @@ def run(args: argparse.Namespace) -> int:
             model = BertForMaskedLM(config)
     model.to(device)
     model.train()
-    optimizer = _optimizer(model, args.lr, args.weight_decay)
+    optimizer = _optimizer(model.named_parameters(), args.lr, args.weight_decay)
     if args.resume:
         optimizer.load_state_dict(saved["optimizer"])
     params = sum(p.numel() for p in model.parameters())
@@ -402,8 +406,7 @@ def run(args: argparse.Namespace) -> int:
     def batches_for(seq_len: int) -> Batches:
         if seq_len not in phases:
             phases[seq_len] = Batches(prepared, tokenizer, seq_len, max(1, batch_tokens // seq_len), args.seed,
-                                      args.mask_prob, whole_words=args.mask_unit == "word",
-                                      mixed=args.mask_unit == "mixed")
+                                      args.mask_prob, mask_unit=args.mask_unit)
         return phases[seq_len]
 
     batches = batches_for(args.seq_len)
