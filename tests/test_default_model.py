@@ -50,6 +50,10 @@ def test_the_default_bundle_is_a_trained_model_with_measured_accuracy():
     assert {"int8", "fp32", "chid_chance"} <= accuracy.keys()
     assert accuracy["int8"]["n_cloze"] >= 1000 and accuracy["int8"]["n_chid"] >= 200
     assert manifest.training["steps"] > 0 and manifest.training["train_minutes"] > 0
+    # Trained in several runs: the manifest carries each phase and the totals over them.
+    phases = manifest.training["phases"]
+    assert phases and phases[-1]["steps"] == manifest.training["steps"]
+    assert manifest.training["total_train_minutes"] == pytest.approx(sum(p["train_minutes"] for p in phases), abs=0.01)
     size = sum(e.size for e in manifest.files.values())
     assert size <= 20e6, f"default bundle is {size / 1e6:.1f} MB (target ≤ 20 MB)"
 

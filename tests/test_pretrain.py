@@ -335,5 +335,12 @@ def test_init_from_continues_with_a_shorter_position_table(tiny_corpus, tmp_path
     assert 0 < float(diff) < 0.05
     info = json.loads((second / "checkpoint" / "training.json").read_text(encoding="utf-8"))
     assert info["init_from"] == str(first / "checkpoint") and "half the sequences" in info["objective"]
+    # The record keeps both runs and their totals (a chained model says how long it trained in all).
+    first_info = json.loads((first / "checkpoint" / "training.json").read_text(encoding="utf-8"))
+    assert [p["steps"] for p in info["phases"]] == [4, 2]
+    assert info["phases"][0]["objective"] == first_info["objective"] and info["phases"][1]["seq_len"] == 16
+    assert info["total_steps"] == 6
+    assert info["total_tokens_seen"] == first_info["tokens_seen"] + info["tokens_seen"]
+    assert info["total_train_minutes"] == pytest.approx(first_info["train_minutes"] + info["train_minutes"], abs=0.01)
     assert _pretrain(tiny_corpus, tmp_path / "third", "--max-steps", "2", "--init-from",
                      str(first / "checkpoint"), "--max-position", "64") == 2

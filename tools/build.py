@@ -265,7 +265,7 @@ def add_arguments(parser) -> None:
 # that the manifest keeps: enough to say how the model was made.
 TRAINING_FIELDS = ("objective", "teacher", "teacher_shape", "layer_map", "init", "augment", "shape", "params",
                    "seq_len", "seq_schedule", "batch_size", "lr", "seed", "steps", "tokens_seen", "train_minutes",
-                   "device", "threads", "corpus")
+                   "device", "threads", "corpus", "phases", "total_train_minutes", "total_tokens_seen", "total_steps")
 
 
 def training_summary(source) -> dict | None:

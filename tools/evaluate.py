@@ -262,7 +262,8 @@ def describe(engine, path) -> dict:
     return {"bundle": str(path) if path else "(default bundle)", "name": info.get("name"),
             "quantization": quant or "fp32", "random_init": info.get("random_init"),
             "vocab_size": info.get("vocab_size"), "bundle_bytes": size or None, "shape": shape,
-            "train_minutes": training.get("train_minutes"),
+            # a model trained in several runs (--init-from) counts all of them
+            "train_minutes": training.get("total_train_minutes", training.get("train_minutes")),
             "trained_by": "distillation" if training.get("teacher") else ("pretraining" if training else None)}
 
 

@@ -189,6 +189,37 @@ def init_from_checkpoint(folder: Path, vocab_size: int, max_position: int):
     return model
 
 
+# What each phase of a chain of runs (--init-from) records about itself.
+PHASE_FIELDS = ("objective", "init_from", "seq_len", "seq_schedule", "batch_size", "lr", "seed", "steps",
+                "tokens_seen", "train_minutes", "device")
+
+
+def earlier_phases(folder: Path | None) -> list[dict]:
+    """The training phases behind the checkpoint a run continues from (oldest first),
+    read from its training.json; [] for a fresh run or a checkpoint with no record
+    (e.g. one from the hub), whose training is then not counted in the totals."""
+    if folder is None or not (Path(folder) / "training.json").is_file():
+        return []
+    path = Path(folder) / "training.json"
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ToolError(f"{path}: not valid JSON ({exc})") from exc
+    if info.get("phases"):
+        return list(info["phases"])
+    return [{k: info.get(k) for k in PHASE_FIELDS}]  # a record written before phases were kept
+
+
+def with_phases(info: dict, earlier: list[dict]) -> dict:
+    """``info`` plus ``phases`` (earlier ones + this run) and the totals over them, so a
+    model trained in several runs says how long it was trained in all."""
+    phases = earlier + [{k: info.get(k) for k in PHASE_FIELDS}]
+    return {**info, "phases": phases,
+            "total_train_minutes": round(sum(p.get("train_minutes") or 0 for p in phases), 2),
+            "total_tokens_seen": sum(p.get("tokens_seen") or 0 for p in phases),
+            "total_steps": sum(p.get("steps") or 0 for p in phases)}
+
+
 def lr_factor(progress: float, warmup: float) -> float:
     """Linear warm-up to 1 over ``warmup`` of the progress, then linear decay to 0."""
     progress = min(max(progress, 0.0), 1.0)
@@ -422,17 +453,19 @@ def run(args: argparse.Namespace) -> int:
             p = max(p, state["step"] / args.max_steps)
         return p
 
+    earlier = earlier_phases(args.init_from)
+
     def training_info() -> dict:
         unit = {"word": "whole-word (jieba)", "char": "token",
                 "mixed": "whole-word (jieba) on half the sequences, token on the other half"}[args.mask_unit]
-        return {"objective": f"masked LM, {unit} masking, {args.mask_prob:.0%} / 80-10-10",
+        return with_phases({"objective": f"masked LM, {unit} masking, {args.mask_prob:.0%} / 80-10-10",
                 "init_from": str(args.init_from) if args.init_from else None,
                 "corpus": str(args.data), "corpus_meta": meta, "shape": args.shape, "params": params,
                 "seq_len": args.seq_len, "seq_schedule": args.seq_schedule or None,
                 "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
                 "steps": state["step"], "tokens_seen": state["tokens"], "masked_seen": state["masked"],
                 "train_minutes": round(state["elapsed"] / 60, 2), "device": str(device),
-                "threads": torch.get_num_threads(), "last": last_line}
+                "threads": torch.get_num_threads(), "last": last_line}, earlier)
 
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.bf16)
     metrics = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
