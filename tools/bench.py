@@ -365,9 +365,11 @@ def prepare_checkpoint_model(key: str, label: str, checkpoint: Path | None, bund
         spec.checkpoint = None
         spec.note = f"no HF checkpoint found for {bundle} (manifest source {manifest.source!r}): only 'ours' runs"
         return spec, notes
-    training = checkpoint / "training.json"
-    if training.is_file():
-        notes["checkpoint_training"] = json.loads(training.read_text(encoding="utf-8"))
+    from tools.checkpoint import read_training_record
+
+    training = read_training_record(checkpoint)
+    if training is not None:
+        notes["checkpoint_training"] = training
     fp32 = work / f"{key}-fp32-full.onnx"
     meta = work / f"{key}-fp32-full.json"
     stamp = (checkpoint / "model.safetensors").stat().st_mtime if (checkpoint / "model.safetensors").is_file() else 0

@@ -270,13 +270,11 @@ TRAINING_FIELDS = ("objective", "teacher", "teacher_shape", "layer_map", "init",
 
 def training_summary(source) -> dict | None:
     """The training record of a checkpoint folder this project trained (else None)."""
-    path = Path(str(source)) / "training.json"
-    if not path.is_file():
+    from tools.checkpoint import read_training_record
+
+    info = read_training_record(source)
+    if info is None:
         return None
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ToolError(f"{path}: not valid JSON ({exc})") from exc
     summary = {k: info[k] for k in TRAINING_FIELDS if k in info}
     meta = info.get("corpus_meta") or {}
     summary.update({k: meta[k] for k in ("train_documents", "test_documents", "train_tokens") if k in meta})

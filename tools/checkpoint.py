@@ -25,6 +25,7 @@ DEFAULT_SOURCE = "google-bert/bert-base-chinese"
 # Written by ``tools trim`` into the checkpoint folder it produces, so that a later
 # step (export, verify) still knows the original source and whether weights are random.
 PROVENANCE_FILE = "edge_provenance.json"
+TRAINING_FILE = "training.json"  # what pretrain / distill record about a run
 WEIGHT_FILES = (
     "model.safetensors", "model.safetensors.index.json",
     "pytorch_model.bin", "pytorch_model.bin.index.json",
@@ -146,14 +147,23 @@ def _check_mlm_architecture(config, source: str) -> None:
         )
 
 
-def _read_provenance(folder: Path) -> dict[str, Any]:
-    path = folder / PROVENANCE_FILE
-    if not path.is_file():
-        return {}
+def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ToolError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def _read_provenance(folder: Path) -> dict[str, Any]:
+    path = folder / PROVENANCE_FILE
+    return _read_json(path) if path.is_file() else {}
+
+
+def read_training_record(folder) -> dict[str, Any] | None:
+    """The ``training.json`` that ``tools pretrain`` / ``tools distill`` write beside a
+    checkpoint they trained (None when the folder has none, e.g. a hub checkpoint)."""
+    path = Path(str(folder)) / TRAINING_FILE
+    return _read_json(path) if path.is_file() else None
 
 
 def load_checkpoint(source: str = DEFAULT_SOURCE, random_init: bool = False, seed: int = 0,

@@ -41,6 +41,7 @@ import numpy as np
 
 from tools import ToolError
 from tools import wwm
+from tools.checkpoint import TRAINING_FILE, read_training_record
 
 log = logging.getLogger(__name__)
 
@@ -198,13 +199,9 @@ def earlier_phases(folder: Path | None) -> list[dict]:
     """The training phases behind the checkpoint a run continues from (oldest first),
     read from its training.json; [] for a fresh run or a checkpoint with no record
     (e.g. one from the hub), whose training is then not counted in the totals."""
-    if folder is None or not (Path(folder) / "training.json").is_file():
+    info = read_training_record(folder) if folder is not None else None
+    if info is None:
         return []
-    path = Path(folder) / "training.json"
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ToolError(f"{path}: not valid JSON ({exc})") from exc
     if info.get("phases"):
         return list(info["phases"])
     return [{k: info.get(k) for k in PHASE_FIELDS}]  # a record written before phases were kept
@@ -322,7 +319,7 @@ def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, state: dict, tra
     # transformers 5 writes only tokenizer.json; keep the plain vocab.txt too.
     wwm.write_vocab([t for t, _ in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])],
                     tmp / "vocab.txt")
-    (tmp / "training.json").write_text(json.dumps(training_info, ensure_ascii=False, indent=2), encoding="utf-8")
+    (tmp / TRAINING_FILE).write_text(json.dumps(training_info, ensure_ascii=False, indent=2), encoding="utf-8")
     old = run_dir / "checkpoint.old"
     if old.exists():
         shutil.rmtree(old)
