@@ -129,6 +129,32 @@ def test_chid_picks_the_highest_joint_score():
     assert flat["chid_chance"] == pytest.approx(1 / 3)
 
 
+class FrequencyEngine:
+    """Scores a filler by how common its character is, plus a bonus when the context
+    (anything besides the blank) supports it: the shape of a small model's joint scores."""
+
+    PRIOR = {"甲": -1.0, "乙": -3.0, "丙": -5.0}
+
+    def __init__(self, truth):
+        self.truth = truth
+
+    def score_fillers(self, text, fillers):
+        context = MASK_RE.sub("", text)
+        return [sum(self.PRIOR[ch] for ch in f) + (2.0 if context and self.truth.get(text) == f else 0.0)
+                for f in fillers]
+
+
+def test_chid_pmi_removes_the_frequency_prior():
+    # The answer is always the context's choice, but the common candidate 甲甲甲甲 has the
+    # highest plain joint score unless the context bonus outweighs the prior gap.
+    items = [ev.ChidItem(text=f"第{i}[MASK][MASK][MASK][MASK]", candidates=("甲甲甲甲", "乙乙乙乙", "丙丙丙丙"),
+                         answer=i % 3, line=i) for i in range(6)]
+    engine = FrequencyEngine({it.text: it.candidates[it.answer] for it in items})
+    result = ev.evaluate_chid(engine, items, workers=2)
+    assert result["chid_acc"] == pytest.approx(2 / 6)  # only where 甲甲甲甲 is the answer
+    assert result["chid_acc_pmi"] == 1.0
+
+
 def test_agreement_ignores_unanswered_items():
     assert ev.agreement(["a", "b", None, "c"], ["a", "x", "y", "c"]) == pytest.approx(2 / 3)
     assert ev.agreement([None], ["a"]) is None
@@ -205,7 +231,7 @@ def test_real_engine_on_the_tiny_bundle(tiny_bundle_dir, tmp_path):
         engine.close()
     assert result["n_cloze"] + result["cloze_skipped"] == 2
     assert result["n_chid"] == 1
-    for key in ("cloze_top1", "cloze_top5", "chid_acc"):
+    for key in ("cloze_top1", "cloze_top5", "chid_acc", "chid_acc_pmi"):
         assert result[key] is None or 0.0 <= result[key] <= 1.0
 
 

@@ -14,7 +14,11 @@ quantization and the engine's own decoding.
 (b) ChID idiom choice (FewCLUE ``chid/dev_few_all.json``): ``#idiom#`` becomes four
     ``[MASK]``; each of the 7 candidates is scored by its joint log-probability
     (``score_fillers``, chain rule left to right); the best one is the answer.
-    Chance is 1/7. When a passage holds several ``#idiom#`` the first is the blank
+    Chance is 1/7. ``chid_acc_pmi`` is a second figure: each candidate's score minus
+    its score with no context (the same blank alone), i.e. pointwise mutual
+    information. The plain joint score favours candidates made of frequent characters,
+    more so the better a model knows character frequencies; PMI asks what the
+    context adds. When a passage holds several ``#idiom#`` the first is the blank
     the candidates belong to (as :func:`tools.corpus.record_text` assumes) and the
     others are deleted (the engine would read them as text otherwise).
 (c) Several bundles (``--bundle`` repeated, or ``--compare FP32_DIR``) are measured
@@ -194,34 +198,51 @@ def evaluate_cloze(engine, items: Sequence[ClozeItem], top_k: int = 5, workers: 
             "cloze_seconds": round(time.monotonic() - started, 2), "_cloze_predictions": predictions}
 
 
+def _prior(engine, candidate: str) -> float:
+    """The candidate's joint log-probability with no context: the blank alone."""
+    return engine.score_fillers(MASK * len(candidate), [candidate])[0]
+
+
 def evaluate_chid(engine, items: Sequence[ChidItem], workers: int = 4,
                   progress: Callable[[str], None] | None = None) -> dict:
-    """Accuracy of choosing the ChID candidate with the highest joint log-probability."""
+    """Accuracy of choosing the ChID candidate with the highest joint log-probability
+    (``chid_acc``), and with the highest score minus its no-context score (``chid_acc_pmi``)."""
+    priors: dict[str, float] = {}  # idioms recur across questions; threads may race, same value
+
     def choose(item: ChidItem):
         try:
             scores = engine.score_fillers(item.text, list(item.candidates))
+            if len(scores) == len(item.candidates):
+                for c in item.candidates:
+                    if c not in priors:
+                        priors[c] = _prior(engine, c)
         except ValueError as exc:
             return None, f"line {item.line}: {getattr(exc, 'code', 'error')}: {exc}"
         if len(scores) != len(item.candidates):
             return None, f"line {item.line}: {len(scores)} scores for {len(item.candidates)} candidates"
-        return max(range(len(scores)), key=lambda i: scores[i]), None
+        pmi = [s - priors[c] for s, c in zip(scores, item.candidates)]
+        return (max(range(len(scores)), key=lambda i: scores[i]),
+                max(range(len(pmi)), key=lambda i: pmi[i])), None
 
     started = time.monotonic()
     answers = _map(choose, items, workers)
-    correct = scored = 0
+    correct = correct_pmi = scored = 0
     skipped = []
     choices: list[int | None] = []
     for item, (choice, problem) in zip(items, answers):
-        choices.append(choice)
         if choice is None:
+            choices.append(None)
             skipped.append(problem)
             continue
+        choices.append(choice[0])
         scored += 1
-        correct += choice == item.answer
+        correct += choice[0] == item.answer
+        correct_pmi += choice[1] == item.answer
     chance = sum(1 / len(i.candidates) for i in items) / len(items) if items else None
     if progress:
         progress(f"chid: {scored} scored, {len(skipped)} skipped in {time.monotonic() - started:.1f} s")
-    return {"chid_acc": correct / scored if scored else None, "n_chid": scored, "chid_chance": chance,
+    return {"chid_acc": correct / scored if scored else None,
+            "chid_acc_pmi": correct_pmi / scored if scored else None, "n_chid": scored, "chid_chance": chance,
             "chid_skipped": len(skipped), "chid_skip_reasons": skipped[:5],
             "chid_seconds": round(time.monotonic() - started, 2), "_chid_choices": choices}
 

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-METRICS = (("cloze_top1", "cloze top-1"), ("cloze_top5", "cloze top-5"), ("chid_acc", "ChID accuracy"))
+METRICS = (("cloze_top1", "cloze top-1"), ("cloze_top5", "cloze top-5"), ("chid_acc", "ChID accuracy"),
+           ("chid_acc_pmi", "ChID (PMI)"))
 
 
 def _pct(value) -> str:
@@ -26,22 +27,24 @@ def markdown(results: Sequence[dict], sources: dict | None = None) -> str:
             lines.append(f"- {key}: {value}")
         lines.append("")
     lines += ["| bundle | shape | training | quantization | size (MB) | latency (ms) | cloze top-1 | cloze top-5 "
-              "| n cloze | ChID acc | n ChID | top-1 agreement with first |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| n cloze | ChID acc | ChID acc (PMI) | n ChID | top-1 agreement with first |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         size = r.get("bundle_bytes")
         latency = r.get("latency_ms_median")
         trained = (f"{r['trained_by']}, {r['train_minutes']:.0f} min" if r.get("trained_by") and
                    r.get("train_minutes") is not None else "–")
-        lines.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+        lines.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
             r.get("name") or r.get("bundle"), r.get("shape") or "–", trained, r.get("quantization"),
             f"{size / 1e6:.1f}" if size else "–", f"{latency:.1f}" if latency is not None else "–",
             _pct(r.get("cloze_top1")), _pct(r.get("cloze_top5")),
-            r.get("n_cloze", "–"), _pct(r.get("chid_acc")), r.get("n_chid", "–"),
+            r.get("n_cloze", "–"), _pct(r.get("chid_acc")), _pct(r.get("chid_acc_pmi")), r.get("n_chid", "–"),
             _pct(r.get("cloze_top1_agreement_with_first")) if "cloze_top1_agreement_with_first" in r else "–"))
     chance = next((r.get("chid_chance") for r in results if r.get("chid_chance")), None)
     if chance:
-        lines += ["", f"ChID chance level: {_pct(chance)} (one of {round(1 / chance)} candidates)."]
+        lines += ["", f"ChID chance level: {_pct(chance)} (one of {round(1 / chance)} candidates). "
+                      "ChID acc picks the highest joint log-probability; ChID acc (PMI) subtracts each "
+                      "candidate's score without context (frequent characters no longer win by default)."]
     if any(r.get("latency_ms_median") is not None for r in results):
         threads = next((r.get("latency_threads") for r in results if r.get("latency_threads")), "?")
         lines += ["", f"Latency: median per query (≤32 tokens, one blank) through the edge engine, cache and "
@@ -81,10 +84,10 @@ def bar_chart(results: Sequence[dict], path: str | Path) -> Path:
             ax.text(x, v + 1, f"{v:.1f}", ha="center", fontsize=8)
     chance = next((r.get("chid_chance") for r in results if r.get("chid_chance")), None)
     keys = [k for k, _ in metrics]
-    if chance and "chid_acc" in keys:
-        m = keys.index("chid_acc")
+    for n, key in enumerate(k for k in ("chid_acc", "chid_acc_pmi") if chance and k in keys):
+        m = keys.index(key)
         ax.hlines(100 * chance, m - width / 2, m + 0.8 - width / 2, colors="grey", linestyles="dashed",
-                  label="ChID chance")
+                  label="ChID chance" if n == 0 else None)
     ax.set_xticks([m + 0.4 - width / 2 for m in range(len(metrics))], [t for _, t in metrics])
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)

@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DEST = REPO / "edge" / "default_bundle"
-FIGURES = ("cloze_top1", "cloze_top5", "chid_acc", "n_cloze", "n_chid", "latency_ms_median", "latency_ms_p90",
-           "latency_threads")
+FIGURES = ("cloze_top1", "cloze_top5", "chid_acc", "chid_acc_pmi", "n_cloze", "n_chid", "latency_ms_median",
+           "latency_ms_p90", "latency_threads")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
