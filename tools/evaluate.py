@@ -198,9 +198,16 @@ def evaluate_cloze(engine, items: Sequence[ClozeItem], top_k: int = 5, workers: 
             "cloze_seconds": round(time.monotonic() - started, 2), "_cloze_predictions": predictions}
 
 
-def _prior(engine, candidate: str) -> float:
-    """The candidate's joint log-probability with no context: the blank alone."""
-    return engine.score_fillers(MASK * len(candidate), [candidate])[0]
+def _no_context_scores(engine, fillers: Sequence[str]) -> dict[str, float]:
+    """Each filler's joint log-probability with no context (the blank alone); one
+    engine call per filler length."""
+    by_length: dict[int, list[str]] = {}
+    for filler in fillers:
+        by_length.setdefault(len(filler), []).append(filler)
+    scores: dict[str, float] = {}
+    for length, group in by_length.items():
+        scores.update(zip(group, engine.score_fillers(MASK * length, group)))
+    return scores
 
 
 def evaluate_chid(engine, items: Sequence[ChidItem], workers: int = 4,
@@ -212,14 +219,13 @@ def evaluate_chid(engine, items: Sequence[ChidItem], workers: int = 4,
     def choose(item: ChidItem):
         try:
             scores = engine.score_fillers(item.text, list(item.candidates))
-            if len(scores) == len(item.candidates):
-                for c in item.candidates:
-                    if c not in priors:
-                        priors[c] = _prior(engine, c)
+            if len(scores) != len(item.candidates):
+                return None, f"line {item.line}: {len(scores)} scores for {len(item.candidates)} candidates"
+            missing = [c for c in dict.fromkeys(item.candidates) if c not in priors]
+            if missing:
+                priors.update(_no_context_scores(engine, missing))
         except ValueError as exc:
             return None, f"line {item.line}: {getattr(exc, 'code', 'error')}: {exc}"
-        if len(scores) != len(item.candidates):
-            return None, f"line {item.line}: {len(scores)} scores for {len(item.candidates)} candidates"
         pmi = [s - priors[c] for s, c in zip(scores, item.candidates)]
         return (max(range(len(scores)), key=lambda i: scores[i]),
                 max(range(len(pmi)), key=lambda i: pmi[i])), None
