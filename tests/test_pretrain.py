@@ -70,6 +70,21 @@ def test_word_start_flags_follow_jieba_words():
 
 
 # ------------------------------------------------------------------------- masking
+def test_each_json_lines_record_is_read_once_even_with_u2028_inside(tmp_path):
+    # FewCLUE iflytek holds U+2028 inside JSON strings. An earlier reader split lines
+    # on it, hit a parse error mid-file, re-read the file, and kept the records
+    # before the error twice (2,866 documents in the shipped model's corpus cache).
+    folder = tmp_path / "iflytek"
+    folder.mkdir()
+    records = [{"sentence": "第一条应用描述"}, {"sentence": "第二条\u2028跨行的描述"},
+               {"sentence": "第三条应用描述"}]
+    (folder / "train.json").write_text(
+        "\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n", encoding="utf-8")
+    (folder / "label_distribution.json").write_text("not json, not a corpus\n", encoding="utf-8")
+    texts = [d.text for d in wwm.read_documents(tmp_path)]
+    assert texts == ["第一条应用描述", "第二条\u2028跨行的描述", "第三条应用描述"]
+
+
 def _toy_batch(rows: int = 200, seed: int = 1):
     """Sequences of [CLS] words... [SEP] [PAD]..., words of 1-4 tokens, some [UNK]."""
     rng = np.random.default_rng(seed)

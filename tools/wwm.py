@@ -148,52 +148,24 @@ def test_passages(docs: Iterable, max_chars: int = PASSAGE_CHARS) -> list[str]:
 
 
 def read_documents(data: str | Path) -> list:
-    """All documents under ``data`` (via :func:`tools.corpus.iter_documents`), file by file.
+    """All documents under ``data`` (via :func:`tools.corpus.iter_documents`), each once.
 
     A file that is not a corpus (e.g. FewCLUE's ``label_distribution.json``, which
-    has a ``.json`` name but holds plain text) is skipped with a warning instead of
-    stopping the whole run.
+    has a ``.json`` name but holds plain text) is skipped with a warning by
+    ``iter_documents`` instead of stopping the whole run.
     """
-    from tools.corpus import CorpusError, corpus_files, iter_documents
+    # Why there is no per-file retry here: an earlier version re-read a file after a
+    # parse error in the middle of it, and list.extend() had already kept the records
+    # before the error, so those were read twice (2,866 FewCLUE iflytek documents in
+    # the shipped model's corpus cache; see README "Reproducing the default").
+    from tools.corpus import CorpusError, iter_documents
 
     try:
-        files = corpus_files(data)
+        docs = list(iter_documents(data))
     except CorpusError as exc:
         raise ToolError(str(exc)) from exc
-    docs = []
-    for file in files:
-        try:
-            docs.extend(iter_documents(file))
-        except CorpusError as exc:
-            fallback = _json_lines_fallback(file)
-            if fallback:
-                log.warning("%s; read %d records split on '\\n' only", exc, len(fallback))
-                docs.extend(fallback)
-            else:
-                log.warning("skipping %s", exc)
     if not docs:
         raise ToolError(f"{data}: no documents with Chinese text")
-    return docs
-
-
-def _json_lines_fallback(file: Path) -> list:
-    """Read a JSON-lines file whose lines hold U+2028 or similar separators.
-
-    ``str.splitlines`` (used by :mod:`tools.corpus`) also splits on U+2028/U+0085,
-    which appear inside some FewCLUE iflytek sentences; splitting on ``\\n`` only
-    reads those files whole. Returns [] when that does not help either.
-    """
-    from tools.corpus import CJK_RE, Document, record_text, to_simplified
-
-    docs = []
-    try:
-        for line in file.read_text(encoding="utf-8").split("\n"):
-            if line.strip():
-                text = record_text(json.loads(line))
-                if CJK_RE.search(text):
-                    docs.append(Document(source=str(file), text=to_simplified(text)))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return []
     return docs
 
 
