@@ -69,7 +69,6 @@ def test_word_start_flags_follow_jieba_words():
         wwm.word_start_flags(text, offsets, ["北京"])
 
 
-# ------------------------------------------------------------------------- masking
 def test_each_json_lines_record_is_read_once_even_with_u2028_inside(tmp_path):
     # FewCLUE iflytek holds U+2028 inside JSON strings. An earlier reader split lines
     # on it, hit a parse error mid-file, re-read the file, and kept the records
@@ -85,6 +84,7 @@ def test_each_json_lines_record_is_read_once_even_with_u2028_inside(tmp_path):
     assert texts == ["第一条应用描述", "第二条\u2028跨行的描述", "第三条应用描述"]
 
 
+# ------------------------------------------------------------------------- masking
 def _toy_batch(rows: int = 200, seed: int = 1):
     """Sequences of [CLS] words... [SEP] [PAD]..., words of 1-4 tokens, some [UNK]."""
     rng = np.random.default_rng(seed)

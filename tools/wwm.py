@@ -157,7 +157,8 @@ def read_documents(data: str | Path) -> list:
     # Why there is no per-file retry here: an earlier version re-read a file after a
     # parse error in the middle of it, and list.extend() had already kept the records
     # before the error, so those were read twice (2,866 FewCLUE iflytek documents in
-    # the shipped model's corpus cache; see README "Reproducing the default").
+    # the shipped model's corpus cache; see README, "Training and evaluating the
+    # compact model").
     from tools.corpus import CorpusError, iter_documents
 
     try:
