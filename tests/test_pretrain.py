@@ -359,3 +359,51 @@ def test_init_from_continues_with_a_shorter_position_table(tiny_corpus, tmp_path
     assert info["total_train_minutes"] == pytest.approx(first_info["train_minutes"] + info["train_minutes"], abs=0.01)
     assert _pretrain(tiny_corpus, tmp_path / "third", "--max-steps", "2", "--init-from",
                      str(first / "checkpoint"), "--max-position", "64") == 2
+
+
+def test_init_from_with_more_layers_grows_the_checkpoint_by_stacking(tiny_corpus, tmp_path, capsys):
+    import torch
+    from transformers import BertForMaskedLM
+
+    from tools.pretrain import grow_layers
+
+    first, grown_run = tmp_path / "first", tmp_path / "grown"
+    assert _pretrain(tiny_corpus, first, "--max-steps", "4") == 0
+    small = BertForMaskedLM.from_pretrained(first / "checkpoint").eval()
+    grown = grow_layers(small, 4).eval()
+    assert grown.config.num_hidden_layers == 4 and len(grown.bert.encoder.layer) == 4
+    for index in (2, 3):  # added layers: input-side weights copied from layer index mod 2 ...
+        new, old = grown.bert.encoder.layer[index], small.bert.encoder.layer[index % 2]
+        assert torch.equal(new.attention.self.query.weight, old.attention.self.query.weight)
+        assert torch.equal(new.intermediate.dense.weight, old.intermediate.dense.weight)
+        # ... and their residual branches start silent, their LayerNorms plain.
+        assert not new.attention.output.dense.weight.any() and not new.output.dense.bias.any()
+        assert torch.all(new.output.LayerNorm.weight == 1) and not new.output.LayerNorm.bias.any()
+    assert torch.equal(grown.bert.encoder.layer[1].output.dense.weight, small.bert.encoder.layer[1].output.dense.weight)
+    # Four small steps from init leave the last LayerNorm near plain, so the added layers
+    # (which only re-normalise) leave the predictions as they were.
+    ids = torch.tensor([[2, 10, 11, 4, 12, 3]])
+    with torch.no_grad():
+        assert torch.allclose(grown(input_ids=ids).logits, small(input_ids=ids).logits, atol=0.05)
+
+    assert _pretrain(tiny_corpus, grown_run, "--max-steps", "2", "--init-from", str(first / "checkpoint"),
+                     "--shape", "4x32x2x64") == 0
+    info = json.loads((grown_run / "checkpoint" / "training.json").read_text(encoding="utf-8"))
+    assert info["shape"] == "4x32x2x64"
+    assert [p["shape"] for p in info["phases"]] == ["2x32x2x64", "4x32x2x64"]
+    assert BertForMaskedLM.from_pretrained(grown_run / "checkpoint").config.num_hidden_layers == 4
+    capsys.readouterr()
+    # Only layers can be added: another width, or fewer layers, is refused with the folder named.
+    for shape in ("2x64x2x64", "1x32x2x64"):
+        assert _pretrain(tiny_corpus, tmp_path / shape, "--max-steps", "2", "--init-from",
+                         str(first / "checkpoint"), "--shape", shape) == 2
+        err = capsys.readouterr().err
+        assert str(first / "checkpoint") in err and "can only add layers" in err
+
+
+def test_phases_recorded_before_shape_was_a_phase_field_get_the_record_shape(tmp_path):
+    from tools.pretrain import earlier_phases
+
+    record = {"shape": "4x128x4x512", "phases": [{"steps": 1}, {"steps": 2, "shape": "2x32x2x64"}]}
+    (tmp_path / "training.json").write_text(json.dumps(record), encoding="utf-8")
+    assert [p["shape"] for p in earlier_phases(tmp_path)] == ["4x128x4x512", "2x32x2x64"]

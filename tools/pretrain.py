@@ -51,6 +51,7 @@ DEFAULT_DATA = SHARED / "data"
 DEFAULT_BASE_VOCAB = SHARED / "models" / "bert-base-chinese" / "vocab.txt"
 MASK_UNITS = ("word", "char", "mixed")
 SHAPE_HELP = "LAYERSxHIDDENxHEADSxINTERMEDIATE, e.g. 4x256x4x1024"
+DEFAULT_SHAPE = "4x256x4x1024"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,7 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-vocab", type=Path, default=DEFAULT_BASE_VOCAB,
                         help="bert-base-chinese vocab.txt the kept vocabulary is taken from")
     parser.add_argument("--run-dir", type=Path, default=REPO / "runs" / "default", help="run folder")
-    parser.add_argument("--shape", default="4x256x4x1024", help=SHAPE_HELP)
+    parser.add_argument("--shape", default=None,
+                        help=f"{SHAPE_HELP} (default {DEFAULT_SHAPE}; with --init-from: the checkpoint's shape, "
+                             "or the same with more layers to grow it by stacking its layers)")
     parser.add_argument("--max-position", type=int, default=128, help="max_position_embeddings")
     parser.add_argument("--seq-len", type=int, default=128, help="training sequence length (with [CLS]/[SEP])")
     parser.add_argument("--batch-size", type=int, default=64, help="sequences per step (at --seq-len)")
@@ -74,7 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mask-prob", type=float, default=0.15)
     parser.add_argument("--init-from", type=Path, default=None,
                         help="start from this checkpoint's weights (fresh optimizer and schedules); with a smaller "
-                             "--max-position its position table is cut to that length")
+                             "--max-position its position table is cut to that length; with a --shape of more "
+                             "layers it is grown by stacking")
     parser.add_argument("--mask-unit", choices=MASK_UNITS, default="word",
                         help="mask whole jieba words (BERT-wwm), single tokens (original BERT), or each on "
                              "half the sequences")
@@ -165,9 +169,52 @@ def seq_len_at(schedule: list[tuple[int, float]], progress: float) -> int:
     return schedule[-1][0]
 
 
-def init_from_checkpoint(folder: Path, vocab_size: int, max_position: int):
+def shape_of(config) -> str:
+    """The ``LxHxAxI`` shape string of a ``BertConfig``."""
+    return (f"{config.num_hidden_layers}x{config.hidden_size}x{config.num_attention_heads}"
+            f"x{config.intermediate_size}")
+
+
+def grow_layers(model, layers: int):
+    """A deeper copy of ``model`` with ``layers`` encoder layers, stacked on top of its
+    own (progressive stacking: Gong et al. 2019, "Efficient training of BERT by
+    progressively stacking"). Added layer i starts as a copy of layer i mod n, except
+    that its two residual branches' output projections are zero and its LayerNorms
+    plain (weight 1, bias 0): it then only re-normalises what it is given, so the grown
+    model starts with about the shallow one's loss (growing the phase-5 4×128 to 6
+    layers: 3.86 before and after; a plain copy starts at 6.9), and its query/key/value
+    and feed-forward input weights already hold learned features. Embeddings and the
+    masked-LM head are copied."""
+    import re
+
+    from transformers import BertForMaskedLM
+
+    n = model.config.num_hidden_layers
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    config.num_hidden_layers = layers
+    grown = BertForMaskedLM(config)
+    source = model.state_dict()
+    state = {}
+    for key in grown.state_dict():
+        match = re.match(r"bert\.encoder\.layer\.(\d+)\.(.+)$", key)
+        if not match:
+            state[key] = source[key]
+            continue
+        index, rest = int(match.group(1)), match.group(2)
+        value = source[f"bert.encoder.layer.{index % n}.{rest}"].clone()
+        if index >= n and rest.startswith(("attention.output.dense.", "output.dense.")):
+            value.zero_()
+        elif index >= n and "LayerNorm" in rest:
+            value.fill_(1.0 if rest.endswith("weight") else 0.0)
+        state[key] = value
+    grown.load_state_dict(state)
+    return grown
+
+
+def init_from_checkpoint(folder: Path, vocab_size: int, max_position: int, shape: str | None = None):
     """Weights of an earlier run to continue from (same vocabulary), with the position
-    table cut to ``max_position`` when that is shorter."""
+    table cut to ``max_position`` when that is shorter, and grown to ``shape`` by
+    stacking its layers when that asks for more layers of the same width."""
     import torch
     from transformers import BertForMaskedLM
 
@@ -187,11 +234,20 @@ def init_from_checkpoint(folder: Path, vocab_size: int, max_position: int):
         emb.position_embeddings = table
         model.config.max_position_embeddings = max_position
     log.info("starting from %s (%d positions → %d)", folder, old, max_position)
+    if shape and shape != shape_of(model.config):
+        layers, hidden, heads, inter = parse_shape(shape)
+        have = parse_shape(shape_of(model.config))
+        if (hidden, heads, inter) != have[1:] or layers < have[0]:
+            raise ToolError(f"--init-from {folder}: its shape is {shape_of(model.config)}; --shape {shape} can only "
+                            "add layers to it (same hidden, heads and intermediate sizes)")
+        log.info("growing %s → %s: added layer i starts as layer i mod %d with zero output projections",
+                 shape_of(model.config), shape, have[0])
+        model = grow_layers(model, layers)
     return model
 
 
 # What each phase of a chain of runs (--init-from) records about itself.
-PHASE_FIELDS = ("objective", "init_from", "seq_len", "seq_schedule", "batch_size", "lr", "seed", "steps",
+PHASE_FIELDS = ("objective", "shape", "init_from", "seq_len", "seq_schedule", "batch_size", "lr", "seed", "steps",
                 "tokens_seen", "train_minutes", "device")
 
 
@@ -203,7 +259,9 @@ def earlier_phases(folder: Path | None) -> list[dict]:
     if info is None:
         return []
     if info.get("phases"):
-        return list(info["phases"])
+        # Phases recorded before the shape was a phase field all had the record's shape
+        # (a chain could not change shape then).
+        return [{**phase, "shape": phase.get("shape") or info.get("shape")} for phase in info["phases"]]
     return [{k: info.get(k) for k in PHASE_FIELDS}]  # a record written before phases were kept
 
 
@@ -385,7 +443,8 @@ def run(args: argparse.Namespace) -> int:
         raise ToolError(f"--seq-len {args.seq_len} exceeds --max-position {args.max_position}")
     if not (0 < args.mask_prob < 1):
         raise ToolError("--mask-prob must be between 0 and 1")
-    parse_shape(args.shape)
+    if args.shape:
+        parse_shape(args.shape)
     data_dir = run_dir / "data"
     meta = wwm.prepare_corpus(args.data, data_dir, args.base_vocab, args.test_fraction,
                               args.min_freq, args.max_vocab)
@@ -416,11 +475,12 @@ def run(args: argparse.Namespace) -> int:
         if state_path.exists():
             raise ToolError(f"{run_dir} already holds a run (state.pt); use --resume or another --run-dir")
         if args.init_from:
-            model = init_from_checkpoint(args.init_from, len(tokenizer.get_vocab()), args.max_position)
+            model = init_from_checkpoint(args.init_from, len(tokenizer.get_vocab()), args.max_position, args.shape)
         else:
-            config = make_config(args.shape, len(tokenizer.get_vocab()), args.max_position, args.dropout,
-                                 tokenizer.pad_token_id)
+            config = make_config(args.shape or DEFAULT_SHAPE, len(tokenizer.get_vocab()), args.max_position,
+                                 args.dropout, tokenizer.pad_token_id)
             model = BertForMaskedLM(config)
+    args.shape = shape_of(model.config)  # what is trained, whichever way it was made
     model.to(device)
     model.train()
     optimizer = _optimizer(model.named_parameters(), args.lr, args.weight_decay)
