@@ -182,7 +182,7 @@ def grow_layers(model, layers: int):
     that its two residual branches' output projections are zero and its LayerNorms
     plain (weight 1, bias 0): it then only re-normalises what it is given, so the grown
     model starts with about the shallow one's loss (growing the phase-5 4×128 to 6
-    layers: 3.86 before and after; a plain copy starts at 6.9), and its query/key/value
+    layers: 3.86 before and after; plain copies, to 8 layers: 6.9), and its query/key/value
     and feed-forward input weights already hold learned features. Embeddings and the
     masked-LM head are copied."""
     import re
