@@ -185,29 +185,28 @@ def grow_layers(model, layers: int):
     layers: 3.86 before and after; plain copies, to 8 layers: 6.9), and its query/key/value
     and feed-forward input weights already hold learned features. Embeddings and the
     masked-LM head are copied."""
-    import re
+    import copy
 
+    import torch
     from transformers import BertForMaskedLM
 
     n = model.config.num_hidden_layers
-    config = model.config.__class__.from_dict(model.config.to_dict())
+    config = copy.deepcopy(model.config)
     config.num_hidden_layers = layers
     grown = BertForMaskedLM(config)
-    source = model.state_dict()
-    state = {}
-    for key in grown.state_dict():
-        match = re.match(r"bert\.encoder\.layer\.(\d+)\.(.+)$", key)
-        if not match:
-            state[key] = source[key]
-            continue
-        index, rest = int(match.group(1)), match.group(2)
-        value = source[f"bert.encoder.layer.{index % n}.{rest}"].clone()
-        if index >= n and rest.startswith(("attention.output.dense.", "output.dense.")):
-            value.zero_()
-        elif index >= n and "LayerNorm" in rest:
-            value.fill_(1.0 if rest.endswith("weight") else 0.0)
-        state[key] = value
-    grown.load_state_dict(state)
+    # Embeddings, layers 0..n-1 and the head by name; only the added layers are missing.
+    missing = grown.load_state_dict(model.state_dict(), strict=False).missing_keys
+    assert all(key.startswith("bert.encoder.layer.") for key in missing), missing
+    with torch.no_grad():
+        for index in range(n, layers):
+            layer = grown.bert.encoder.layer[index]
+            layer.load_state_dict(model.bert.encoder.layer[index % n].state_dict())
+            for dense in (layer.attention.output.dense, layer.output.dense):
+                dense.weight.zero_()
+                dense.bias.zero_()
+            for norm in (layer.attention.output.LayerNorm, layer.output.LayerNorm):
+                norm.weight.fill_(1.0)
+                norm.bias.zero_()
     return grown
 
 
@@ -234,14 +233,15 @@ def init_from_checkpoint(folder: Path, vocab_size: int, max_position: int, shape
         emb.position_embeddings = table
         model.config.max_position_embeddings = max_position
     log.info("starting from %s (%d positions → %d)", folder, old, max_position)
-    if shape and shape != shape_of(model.config):
-        layers, hidden, heads, inter = parse_shape(shape)
-        have = parse_shape(shape_of(model.config))
-        if (hidden, heads, inter) != have[1:] or layers < have[0]:
-            raise ToolError(f"--init-from {folder}: its shape is {shape_of(model.config)}; --shape {shape} can only "
-                            "add layers to it (same hidden, heads and intermediate sizes)")
+    have = shape_of(model.config)
+    if shape and parse_shape(shape) != parse_shape(have):
+        layers, *width = parse_shape(shape)
+        n, *have_width = parse_shape(have)
+        if width != have_width or layers < n:
+            raise ToolError(f"--init-from {folder}: its shape is {have}; --shape {shape} can only add layers to it "
+                            "(same hidden, heads and intermediate sizes)")
         log.info("growing %s → %s: added layer i starts as layer i mod %d with zero output projections",
-                 shape_of(model.config), shape, have[0])
+                 have, shape, n)
         model = grow_layers(model, layers)
     return model
 
