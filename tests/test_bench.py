@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tools import pi_estimate as pe
-from tools.bench import MASK, load_text, mask_one, mask_run
+from tools.bench_inputs import MASK, load_text, mask_one, mask_run
 from tools.loadtest import percentile, run_rate
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,9 +20,11 @@ Results go to ``--out``: ``results.md`` (tables), ``results.json`` (raw numbers)
 ``bench.png`` (chart), plus server logs; exported models are cached in
 ``--out/work``.
 
-The worker half of this module runs as ``python -m tools.bench worker ...``; it
+Each system runs in ``python -m tools.bench_worker`` (tools/bench_worker.py), which
 imports only what its system needs (the ``ort-fp32`` and ``ours`` workers never
-import torch), so the memory it reports is that system's.
+import torch), so the memory it reports is that system's. The inputs are picked by
+tools/bench_inputs.py, the tables and chart drawn by tools/bench_report.py; this
+module prepares the models, runs the workers and the load test, and estimates.
 """
 
 from __future__ import annotations
@@ -30,14 +32,11 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import hashlib
-import itertools
 import json
 import logging
 import os
 import platform
-import random
 import re
-import resource
 import shlex
 import subprocess
 import sys
@@ -47,6 +46,9 @@ from pathlib import Path
 from typing import Any
 
 from tools import ToolError
+from tools.bench_inputs import SETS, build_inputs, load_text
+from tools.bench_report import render_chart, render_markdown
+from tools.bench_worker import SYSTEMS
 from tools.loadtest import percentile
 
 log = logging.getLogger(__name__)
@@ -56,179 +58,7 @@ SHARED = REPO.parent / "shared"
 BERT_SOURCE = SHARED / "models" / "bert-base-chinese"
 DEFAULT_BUNDLE = REPO / "edge" / "default_bundle"
 DEFAULT_CHECKPOINT = REPO / "runs" / "default" / "checkpoint"
-SYSTEMS = ("pipeline", "ort-fp32", "ours")
-SYSTEM_LABELS = {
-    "pipeline": "PyTorch fill-mask pipeline (FP32)",
-    "ort-fp32": "plain ONNX Runtime FP32 (full logits)",
-    "ours": "this runtime (INT8, trimmed, mask-only head)",
-}
-SETS = ("short", "long", "short_4")
-SET_LABELS = {"short": "<=32 tokens, 1 blank", "long": "~128 tokens, 1 blank", "short_4": "<=32 tokens, 4-char blank"}
-MASK = "[MASK]"
-CJK_RE = re.compile(r"[\u4e00-\u9fff]")
-# Inputs are kept free of ASCII letters/digits/whitespace, so that every character is
-# one token under any of the compared tokenizers (full or trimmed vocabulary) and the
-# token counts (32 / 128) hold for all systems.
-UNWANTED_RE = re.compile(r"[A-Za-z0-9\s\u2028\u2029\u0085]")
-SENTENCE_END_RE = re.compile(r"(?<=[。！？；!?;])")
 FULL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-
-
-# ============================================================================ inputs
-
-def _held_apart_documents(data: Path, per_file: int, seed: int, test_fraction: float = 0.02) -> list[str]:
-    """Texts of the held-apart (test split) documents under ``data``, corpora mixed.
-
-    The split is :func:`tools.corpus.is_test_document`, the one the toolchain and
-    the training run use. At most ``per_file`` documents per file; the documents of
-    each top-level folder (FewCLUE's modern text, chinese-poetry's classical text)
-    are shuffled and then interleaved, so both kinds of text are represented. Files
-    that are not corpora (FewCLUE's label_distribution.json) are skipped by
-    :func:`tools.wwm.read_documents`.
-    """
-    from tools.corpus import CorpusError, corpus_files, is_test_document
-    from tools.wwm import read_documents
-
-    try:
-        files = corpus_files(data)
-    except CorpusError as exc:
-        raise ToolError(str(exc)) from exc
-    groups: dict[str, list[str]] = {}
-    for file in files:
-        try:
-            docs = read_documents(file)
-        except ToolError as exc:
-            log.debug("skipping %s: %s", file, exc)
-            continue
-        parts = file.relative_to(data).parts if data.is_dir() else (file.name,)
-        held = [d.text for d in docs if is_test_document(d.text, test_fraction)]
-        groups.setdefault(parts[0], []).extend(held[:per_file])
-    rng = random.Random(seed)
-    for texts in groups.values():
-        rng.shuffle(texts)
-    mixed = [text for batch in itertools.zip_longest(*groups.values()) for text in batch if text is not None]
-    if not mixed:
-        raise ToolError(f"{data}: no held-apart documents found")
-    log.info("held-apart documents: %s", ", ".join(f"{k} {len(v)}" for k, v in groups.items()))
-    return mixed
-
-
-def _clean_pieces(text: str) -> list[str]:
-    """Sentence-sized pieces of a document with no ASCII alphanumerics or spaces."""
-    pieces = []
-    for line in text.split("\n"):
-        for sentence in SENTENCE_END_RE.split(line.strip()):
-            sentence = sentence.strip()
-            if sentence and not UNWANTED_RE.search(sentence):
-                pieces.append(sentence)
-    return pieces
-
-
-def mask_one(text: str, rng: random.Random) -> tuple[str, str] | None:
-    """Replace one random CJK character with [MASK]; return (masked, answer)."""
-    spots = [i for i, ch in enumerate(text) if CJK_RE.match(ch)]
-    if not spots:
-        return None
-    i = rng.choice(spots)
-    return text[:i] + MASK + text[i + 1:], text[i]
-
-
-def mask_run(text: str, rng: random.Random, length: int = 4) -> tuple[str, str] | None:
-    """Replace ``length`` consecutive CJK characters with [MASK] x length."""
-    spots = [i for i in range(len(text) - length + 1) if all(CJK_RE.match(c) for c in text[i:i + length])]
-    if not spots:
-        return None
-    i = rng.choice(spots)
-    return text[:i] + MASK * length + text[i + length:], text[i:i + length]
-
-
-def build_inputs(data: Path, tokenizer_path: Path, n_per_set: int, n_agree: int, n_load: int,
-                 long_tokens: int = 128, seed: int = 0) -> dict[str, Any]:
-    """Pick the benchmark inputs from held-apart corpus text.
-
-    - ``short``: one sentence of 12..32 tokens (with [CLS]/[SEP]), one CJK char masked;
-    - ``long``: a passage cut to exactly ``long_tokens`` tokens, one char masked;
-    - ``short_4``: short sentences with 4 consecutive CJK chars masked;
-    - ``agree``: single-blank short sentences and long passages for INT8 vs FP32;
-    - ``load_pool``: short unmasked sentences the load test masks at varying places.
-    Token counts are taken with the bert-base-chinese tokenizer.
-    """
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    tokenizer.no_truncation()
-    tokenizer.no_padding()
-    rng = random.Random(seed)
-    docs = _held_apart_documents(data, per_file=400, seed=seed)
-
-    def n_tokens(text: str) -> int:
-        return len(tokenizer.encode(text).ids)  # with [CLS] and [SEP]
-
-    shorts, longs = [], []
-    seen = set()
-    for doc in docs:
-        # At most two sentences per document, so no one document dominates.
-        pieces = [p for p in _clean_pieces(doc) if p not in seen and len(CJK_RE.findall(p)) >= 8
-                  and 12 <= n_tokens(p) <= 32]
-        for piece in rng.sample(pieces, min(2, len(pieces))):
-            seen.add(piece)
-            shorts.append(piece)
-        flat = "".join(p for p in _clean_pieces(doc))
-        if len(flat) >= long_tokens and flat not in seen:
-            enc = tokenizer.encode(flat, add_special_tokens=False)
-            if len(enc.ids) >= long_tokens - 2:
-                cut = enc.offsets[long_tokens - 3][1]
-                passage = flat[:cut]
-                if n_tokens(passage) == long_tokens:
-                    seen.add(flat)
-                    longs.append(passage)
-    n_long_agree = n_agree // 3
-    need_short = 2 * n_per_set + (n_agree - n_long_agree) + n_load
-    if len(shorts) < need_short or len(longs) < n_per_set + n_long_agree:
-        log.warning("held-apart text gave %d short sentences (wanted %d) and %d long passages (wanted %d)",
-                    len(shorts), need_short, len(longs), n_per_set + n_long_agree)
-    if not shorts or not longs:
-        raise ToolError(f"{data}: not enough held-apart text for the benchmark inputs")
-
-    def items(texts: list[str], masker) -> list[dict[str, Any]]:
-        out = []
-        for text in texts:
-            masked = masker(text, rng)
-            if masked:
-                out.append({"text": masked[0], "answer": masked[1], "tokens": n_tokens(masked[0])})
-        return out
-
-    take = iter(shorts)
-    short_set = [next(take) for _ in range(min(n_per_set, len(shorts)))]
-    four_set = [t for t in take if len(t) >= 10][:n_per_set]
-    rest = shorts[len(short_set) + n_per_set:]
-    agree_short = rest[: n_agree - n_long_agree]
-    load_pool = rest[len(agree_short):][:n_load]
-    inputs = {
-        "source": f"held-apart documents (tools.corpus.is_test_document, 2%) of {data}",
-        "tokenizer": str(tokenizer_path),
-        "seed": seed,
-        "short": items(short_set, mask_one),
-        "long": items(longs[:n_per_set], mask_one),
-        "short_4": items(four_set, mask_run),
-        "agree": items(agree_short, mask_one) + items(longs[n_per_set:n_per_set + n_long_agree], mask_one),
-        "load_pool": load_pool or short_set,
-    }
-    for name in ("short", "long", "short_4", "agree"):
-        counts = [item["tokens"] for item in inputs[name]]
-        log.info("inputs %-8s %3d texts, %d..%d tokens", name, len(counts), min(counts, default=0),
-                 max(counts, default=0))
-    return inputs
-
-
-def load_text(pool: list[str], i: int, seed: int = 0) -> str:
-    """The i-th load-test text: sentence ``i % n`` masked at its ``i // n``-th CJK
-    character (in a seeded order), so texts stay distinct across a whole test."""
-    sentence = pool[i % len(pool)]
-    spots = [k for k, ch in enumerate(sentence) if CJK_RE.match(ch)]
-    random.Random(f"{seed}:{i % len(pool)}").shuffle(spots)
-    k = spots[(i // len(pool)) % len(spots)]
-    return sentence[:k] + MASK + sentence[k + 1:]
 
 
 # ============================================================================ models
@@ -386,230 +216,6 @@ def prepare_checkpoint_model(key: str, label: str, checkpoint: Path | None, bund
     return spec, notes
 
 
-# ============================================================================ workers
-
-def _rss_mb() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
-
-
-def _peak_rss_mb() -> float:
-    """Peak resident memory of this process. VmHWM, not getrusage's ru_maxrss: Linux
-    carries ru_maxrss over exec, so a worker would report its parent's peak."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # KiB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-class PipelineRunner:
-    """The transformers fill-mask pipeline, as a user would call it."""
-
-    def __init__(self, checkpoint: str, threads: int):
-        import torch
-        from transformers import pipeline
-
-        torch.set_num_threads(threads)
-        self.pipe = pipeline("fill-mask", model=checkpoint, tokenizer=checkpoint, device="cpu", top_k=5)
-
-    def answer(self, text: str) -> Any:
-        """Top-5 per mask (disjoint per-mask results for several masks)."""
-        return self.pipe(text)
-
-
-class OrtFp32Runner:
-    """Plain ONNX Runtime on the full-logits FP32 export: tokenize, run, softmax, top-5."""
-
-    def __init__(self, onnx_path: str, tokenizer_path: str, threads: int):
-        import numpy as np
-        import onnxruntime as ort
-        from tokenizers import Tokenizer
-
-        self.np = np
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
-        self.tokenizer = Tokenizer.from_file(tokenizer_path)
-        self.tokenizer.no_padding()
-        self.mask_id = self.tokenizer.token_to_id(MASK)
-        vocab = self.tokenizer.get_vocab(with_added_tokens=True)
-        self.id_to_token = [""] * (max(vocab.values()) + 1)
-        for token, index in vocab.items():
-            self.id_to_token[index] = token
-
-    def mask_logits(self, text: str):
-        """Logits ``[n_masks, vocab]`` at the [MASK] positions."""
-        np = self.np
-        enc = self.tokenizer.encode(text)
-        ids = np.array([enc.ids], dtype=np.int64)
-        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
-        logits = self.session.run(None, feed)[0][0]
-        return logits[ids[0] == self.mask_id]
-
-    def answer(self, text: str) -> list[list[tuple[str, float]]]:
-        """Top-5 (token, probability) per mask."""
-        np = self.np
-        out = []
-        for row in self.mask_logits(text):
-            probs = np.exp(row - row.max())
-            probs /= probs.sum()
-            best = np.argpartition(-probs, 5)[:5]
-            best = best[np.argsort(-probs[best])]
-            out.append([(self.id_to_token[i], float(probs[i])) for i in best])
-        return out
-
-
-class OursRunner:
-    """This runtime's engine on an INT8 bundle."""
-
-    def __init__(self, bundle: str, threads: int, batch_window_ms: float):
-        from edge.engine import Engine
-
-        self.engine = Engine.from_bundle(bundle, threads=threads, batch_window_ms=batch_window_ms, cache_size=0)
-
-    def answer(self, text: str) -> dict:
-        """The engine's answer (top-5; a multi-character blank gets joint beam search)."""
-        return self.engine.predict(text, top_k=5)
-
-
-def _pin(threads: int) -> list[int]:
-    """Restrict this process to ``threads`` cores, so no system can use more."""
-    if not hasattr(os, "sched_getaffinity"):
-        return []
-    cores = sorted(os.sched_getaffinity(0))[:threads]
-    os.sched_setaffinity(0, cores)
-    return cores
-
-
-def worker_main(argv: list[str]) -> int:
-    """``python -m tools.bench worker``: time one system in this fresh process."""
-    parser = argparse.ArgumentParser(prog="python -m tools.bench worker")
-    parser.add_argument("--system", required=True, choices=(*SYSTEMS, "agree"))
-    parser.add_argument("--checkpoint", help="HF checkpoint folder (pipeline)")
-    parser.add_argument("--onnx", help="full-logits FP32 ONNX (ort-fp32, agree)")
-    parser.add_argument("--tokenizer", help="tokenizer.json for the FP32 ONNX")
-    parser.add_argument("--bundle", help="INT8 bundle (ours, agree)")
-    parser.add_argument("--inputs", required=True, type=Path)
-    parser.add_argument("--sets", default=",".join(SETS))
-    parser.add_argument("--iterations", type=int, default=40)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch-window-ms", type=float, default=0.0)
-    parser.add_argument("--launched-at", type=float, required=True, help="time.time() when the parent launched us")
-    parser.add_argument("--cold-only", action="store_true", help="load, answer once, exit")
-    parser.add_argument("--result", required=True, type=Path)
-    args = parser.parse_args(argv)
-    result: dict[str, Any] = {"system": args.system, "cores": _pin(args.threads), "threads": args.threads}
-    inputs = json.loads(args.inputs.read_text(encoding="utf-8"))
-    result["rss_start_mb"] = _rss_mb()
-    if args.system == "agree":
-        result.update(_agreement(args, inputs))
-        args.result.write_text(json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8")
-        return 0
-    started = time.time()
-    if args.system == "pipeline":
-        runner: Any = PipelineRunner(args.checkpoint, args.threads)
-    elif args.system == "ort-fp32":
-        runner = OrtFp32Runner(args.onnx, args.tokenizer, args.threads)
-    else:
-        runner = OursRunner(args.bundle, args.threads, args.batch_window_ms)
-    result["load_s"] = time.time() - started
-    result["rss_loaded_mb"] = _rss_mb()
-    runner.answer(inputs["short"][0]["text"])
-    result["cold_start_s"] = time.time() - args.launched_at
-    result["rss_first_answer_mb"] = _rss_mb()
-    if not args.cold_only:
-        result["sets"] = {}
-        for name in args.sets.split(","):
-            items = inputs[name]
-            for i in range(args.warmup):
-                runner.answer(items[i % len(items)]["text"])
-            latencies, tokens = [], []
-            for i in range(args.iterations):
-                item = items[(args.warmup + i) % len(items)]
-                began = time.perf_counter()
-                runner.answer(item["text"])
-                latencies.append((time.perf_counter() - began) * 1000)
-                tokens.append(item["tokens"])
-            result["sets"][name] = {
-                "latencies_ms": latencies,
-                "median_ms": percentile(latencies, 50),
-                "p99_ms": percentile(latencies, 99),
-                "mean_tokens": sum(tokens) / len(tokens),
-                "distinct_texts": min(len(items), args.iterations),
-            }
-        result["rss_after_run_mb"] = _rss_mb()
-    result["peak_rss_mb"] = _peak_rss_mb()
-    if args.system == "ours":
-        result["engine_stats"] = runner.engine.stats()
-        runner.engine.close()
-    args.result.write_text(json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8")
-    return 0
-
-
-def _agreement(args, inputs: dict[str, Any]) -> dict[str, Any]:
-    """INT8 bundle (the engine, as a user gets it) vs the plain FP32 model on held-apart
-    single-blank text: top-1 agreement and top-5 overlap of the candidate lists.
-
-    The FP32 list is taken over the tokens a user can be shown (no special tokens,
-    ``##`` pieces or ``[unusedN]``, as the engine does). ``*_kept_vocab`` figures
-    restrict FP32 to the bundle's kept vocabulary too, isolating the effect of INT8
-    (plus graph optimization) from that of vocabulary trimming.
-    """
-    import numpy as np
-
-    fp32 = OrtFp32Runner(args.onnx, args.tokenizer, args.threads)
-    ours = OursRunner(args.bundle, args.threads, 0.0)
-    special = {"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"}
-    tokens = fp32.id_to_token
-    invalid = np.array([t in special or t.startswith("##") or bool(re.match(r"^\[unused\d+\]$", t)) or not t.strip()
-                        for t in tokens])
-    kept = set(ours.engine.id_to_token)
-    outside = np.array([t not in kept for t in tokens])
-    fp32_top1: dict[str, int] = {}
-    n = agree = agree_kept = 0
-    overlap = overlap_kept = 0.0
-    fp32_hits = ours_hits = 0
-    for item in inputs["agree"]:
-        row = fp32.mask_logits(item["text"])[0].astype(np.float64)
-        row[invalid] = -np.inf
-        ref5 = [tokens[i] for i in np.argsort(-row)[:5]]
-        row[outside] = -np.inf
-        ref5_kept = [tokens[i] for i in np.argsort(-row)[:5]]
-        got5 = [c["text"] for c in ours.answer(item["text"])["blanks"][0]["candidates"]]
-        fp32_top1[ref5[0]] = fp32_top1.get(ref5[0], 0) + 1
-        n += 1
-        agree += ref5[0] == got5[0]
-        agree_kept += ref5_kept[0] == got5[0]
-        overlap += len(set(ref5) & set(got5)) / 5
-        overlap_kept += len(set(ref5_kept) & set(got5)) / 5
-        fp32_hits += ref5[0] == item["answer"]
-        ours_hits += got5[0] == item["answer"]
-    ours.engine.close()
-    if not n:
-        return {"masked_positions": 0}
-    return {
-        "masked_positions": n,
-        "top1_agreement": agree / n,
-        "top5_overlap": overlap / n,
-        "top1_agreement_kept_vocab": agree_kept / n,
-        "top5_overlap_kept_vocab": overlap_kept / n,
-        "fp32_top1_accuracy": fp32_hits / n,
-        "ours_top1_accuracy": ours_hits / n,
-        "fp32_vocab": len(tokens),
-        "bundle_vocab": len(kept),
-        # A weak model answering the same few tokens everywhere agrees with itself
-        # trivially: how concentrated the FP32 answers are says how much agreement means.
-        "fp32_top1_distinct": len(fp32_top1),
-        "fp32_top1_most_common": sorted(fp32_top1.items(), key=lambda kv: -kv[1])[:5],
-    }
-
-
 # ============================================================================ orchestration
 
 def _child_env() -> dict[str, str]:
@@ -624,7 +230,7 @@ def run_worker(python: str, system: str, options: list[str], result_path: Path, 
     """Launch one worker subprocess and return its result (or ``{"error": ...}``)."""
     result_path.unlink(missing_ok=True)
     launched = time.time()
-    command = [python, "-m", "tools.bench", "worker", "--system", system, "--launched-at", repr(launched),
+    command = [python, "-m", "tools.bench_worker", "--system", system, "--launched-at", repr(launched),
                "--result", str(result_path), *options]
     try:
         proc = subprocess.run(command, cwd=REPO, env=_child_env(), capture_output=True, text=True, timeout=timeout_s)
@@ -877,221 +483,6 @@ def goals(results: dict[str, Any], load: dict[str, Any] | None) -> list[dict[str
     return rows
 
 
-# ============================================================================ report
-
-def _fmt(value: Any, digits: int = 1, suffix: str = "") -> str:
-    if value is None or (isinstance(value, float) and value != value):
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}{suffix}"
-    return f"{value}{suffix}"
-
-
-def _mb(nbytes: int | None) -> str:
-    return "–" if nbytes is None else f"{nbytes / 1e6:.1f} MB"
-
-
-def render_markdown(report: dict[str, Any]) -> str:
-    """The human-readable report (tables)."""
-    m = report["machine"]
-    lines = [
-        "# Benchmark: PyTorch pipeline vs plain ONNX Runtime FP32 vs this runtime (INT8)",
-        "",
-        f"- Date: {report['date']}",
-        f"- Command: `{report['command']}`",
-        f"- Machine: {m.get('cpu_model')} ({m.get('cpu_mhz')} MHz reported), {m.get('usable_cpus')} usable cores"
-        f"{' (virtual machine)' if m.get('hypervisor') else ''}, {m.get('memory_gb')} GB RAM; SIMD: "
-        f"{', '.join(m.get('simd', []))}",
-        f"- Threads per system: {m['threads']} (each system in its own process, pinned to {m['threads']} core(s))",
-        f"- Versions: onnxruntime {m.get('onnxruntime_version')}, torch {m.get('torch_version')}, "
-        f"transformers {m.get('transformers_version')}, Python {m.get('python')}",
-        f"- Load at start: {_fmt(report['contention_start']['loadavg'][0], 2)} (1-min average); other heavy "
-        f"processes: {', '.join(report['contention_start']['other_heavy_processes']) or 'none'}",
-        f"- Inputs: {report['inputs']['source']}; {report['settings']['iterations']} timed queries per system "
-        f"and input set (distinct sentences), after {report['settings']['warmup']} warm-up queries.",
-        "- `ours` runs with the response cache off and a batch window of "
-        f"{report['settings']['ours_window_ms']} ms (a lone query has nothing to wait for; the served default "
-        "is 2 ms, measured in the load test). Plain ORT uses ONNX Runtime's default session options "
-        "(thread spinning on); ours keeps spinning off (a Pi would idle at 100% CPU).",
-        "- 4-character blank: the pipeline and plain ORT make one pass and return disjoint per-position "
-        "top-5 lists (what their users get); ours ranks whole 4-character candidates by joint probability "
-        "(left-to-right beam search, beam 5: 4 session runs, 16 rows), so it does more work by design.",
-        "",
-    ]
-    for key, model in report["models"].items():
-        lines += [f"## {model['label']}", ""]
-        if model.get("random_init"):
-            lines += ["**Random weights**: speed, memory and size depend on the architecture only; the "
-                      "answers (and the agreement figures) of this model are meaningless.", ""]
-        if model.get("note"):
-            lines += [f"Note: {model['note']}", ""]
-        lines += ["| system | input | median ms | p99 ms | vs pipeline | vs ORT FP32 |",
-                  "|---|---|---:|---:|---:|---:|"]
-        systems = model["systems"]
-        for name in SETS:
-            for system in SYSTEMS:
-                data = systems.get(system, {}).get("sets", {}).get(name)
-                if not data:
-                    continue
-                pipe = systems.get("pipeline", {}).get("sets", {}).get(name, {}).get("median_ms")
-                ort_ = systems.get("ort-fp32", {}).get("sets", {}).get(name, {}).get("median_ms")
-                med = data["median_ms"]
-                lines.append(
-                    f"| {system} | {SET_LABELS[name]} (avg {data['mean_tokens']:.0f} tok) | {med:.1f} | "
-                    f"{data['p99_ms']:.1f} | {_fmt(pipe / med if pipe else None, 1, 'x')} | "
-                    f"{_fmt(ort_ / med if ort_ else None, 1, 'x')} |")
-        lines += ["", "| system | RSS after load | RSS after run | peak RSS | model file | cold start (median of fresh launches) |",
-                  "|---|---:|---:|---:|---:|---:|"]
-        for system in SYSTEMS:
-            data = systems.get(system)
-            if not data:
-                continue
-            if "error" in data:
-                lines.append(f"| {system} | failed: {data['error'][:200]} | | | | |")
-                continue
-            cold = data.get("cold_start", {}).get("median", data.get("cold_start_s"))
-            lines.append(f"| {system} | {_fmt(data.get('rss_loaded_mb'), 0, ' MB')} | "
-                         f"{_fmt(data.get('rss_after_run_mb'), 0, ' MB')} | {_fmt(data.get('peak_rss_mb'), 0, ' MB')} | "
-                         f"{_mb(data.get('model_file_bytes'))} | {_fmt(cold, 2, ' s')} |")
-        agree = model.get("agreement")
-        if agree and "top1_agreement" in agree:
-            lines += ["", f"INT8 bundle (engine answers) vs plain FP32 model on {agree['masked_positions']} "
-                          "held-apart single-character blanks:", "",
-                      "| top-1 agreement | top-5 overlap | top-1 agr. within kept vocab | top-5 overlap within kept vocab "
-                      "| FP32 top-1 accuracy | INT8 top-1 accuracy | vocab FP32 → bundle |",
-                      "|---:|---:|---:|---:|---:|---:|---:|",
-                      f"| {100 * agree['top1_agreement']:.1f}% | {100 * agree['top5_overlap']:.1f}% | "
-                      f"{100 * agree['top1_agreement_kept_vocab']:.1f}% | {100 * agree['top5_overlap_kept_vocab']:.1f}% | "
-                      f"{100 * agree['fp32_top1_accuracy']:.1f}% | {100 * agree['ours_top1_accuracy']:.1f}% | "
-                      f"{agree['fp32_vocab']} → {agree['bundle_vocab']} |"]
-            if model.get("random_init"):
-                lines.append("\n(Random weights: near-uniform logits, so agreement here mostly measures noise, "
-                             "not quantization quality.)")
-            common = agree.get("fp32_top1_most_common") or []
-            if common:
-                share = common[0][1] / agree["masked_positions"]
-                lines.append(f"\nFP32 top-1 answers: {agree['fp32_top1_distinct']} distinct; most common "
-                             + ", ".join(f"'{t}' x{c}" for t, c in common) + ".")
-                if share > 0.3:
-                    lines.append(f"**Caution**: the FP32 model answers '{common[0][0]}' for {100 * share:.0f}% of "
-                                 "the blanks; agreement between two copies of a model this undecided is inflated "
-                                 "and says little about INT8 quality on a well-trained model.")
-        elif agree:
-            lines += ["", f"Agreement: failed: {agree.get('error')}"]
-        lines.append("")
-    for load in (report.get("load") or {}).values():
-        lines += [f"## HTTP load test ({load['model']})", "",
-                  f"`python -m edge serve` on loopback, cache off, distinct sentences (<=32 tokens, one blank), "
-                  f"open-loop arrivals at fixed rates for {load['seconds']} s each; latency from the scheduled send "
-                  f"time. The load generator runs on the same {m.get('usable_cpus')} cores as the server.", "",
-                  "| config | offered req/s | achieved req/s | p50 ms | p99 ms | errors | server RSS before → after |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
-        for name, entry in load["results"].items():
-            if "error" in entry:
-                lines.append(f"| {name} | failed: {entry['error'][:200]} | | | | | |")
-                continue
-            for r in entry["rates"]:
-                lines.append(f"| {name} | {r['offered_rps']:g} | {r['achieved_rps']:.1f} | {r['p50_ms']:.1f} | "
-                             f"{r['p99_ms']:.1f} | {r['errors']} | {_fmt(r['server_rss_before_mb'], 0)} → "
-                             f"{_fmt(r['server_rss_after_mb'], 0)} MB |")
-        for name, entry in load["results"].items():
-            if "rss_before_mb" in entry:
-                growth = (entry.get("rss_after_mb") or 0) - (entry.get("rss_before_mb") or 0)
-                lines.append(f"\n- {name}: `python {shlex.join(entry['command'][1:])}`; server RSS after warm-up "
-                             f"{_fmt(entry['rss_before_mb'], 0)} MB, after all rates {_fmt(entry.get('rss_after_mb'), 0)} MB "
-                             f"(growth {growth:+.0f} MB)")
-        lines.append("")
-    flops = report.get("estimates")
-    if flops:
-        host = flops["host"]
-        lines += ["## Paper estimate for Raspberry Pi 4 / Pi 5", "",
-                  f"Host peak assumed: {host['ghz']} GHz x {host['fp32_flop_per_cycle']:g} FP32 FLOP/cycle/core, "
-                  f"{host['int8_op_per_cycle']:g} INT8 op/cycle/core ({'; '.join(flops['host_notes'])}).", "",
-                  "| model | system | input | GFLOP (GOP) per query | measured ms | achieved GFLOP/s | efficiency "
-                  "| Pi 4 est. ms | Pi 5 est. ms |",
-                  "|---|---|---|---:|---:|---:|---:|---:|---:|"]
-        for key, entry in flops["models"].items():
-            for name, per in entry.items():
-                for system in SYSTEMS:
-                    est = per.get(system)
-                    if not est:
-                        continue
-                    pis = list(est["targets"].values())
-                    lines.append(f"| {key} | {system} | {name} | {est['gflop_per_query']:.2f} | "
-                                 f"{est['measured_ms']:.1f} | {est['achieved_gops']:.1f} | "
-                                 f"{100 * est['efficiency']:.1f}% | {pis[0]['estimate_ms']:.0f} | "
-                                 f"{pis[1]['estimate_ms']:.0f} |")
-        lines += ["", "Assumptions:", ""] + [f"- {a}" for a in flops["assumptions"]]
-        lines.append("")
-    lines += ["## Goals (this machine, bert-base-chinese architecture unless stated)", "",
-              "| goal | model | measured | met |", "|---|---|---|---|"]
-    for row in report["goals"]:
-        met = {True: "yes", False: "**no**", None: "n/a"}[row["met"]]
-        lines.append(f"| {row['goal']} | {row.get('model', '')} | {row['measured']} | {met} |")
-    lines.append("")
-    if report.get("warnings"):
-        lines += ["## Warnings", ""] + [f"- {w}" for w in report["warnings"]] + [""]
-    return "\n".join(lines)
-
-
-def render_chart(report: dict[str, Any], path: Path) -> None:
-    """Bar chart of median latency per system/input (log scale) and load-test curves."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = list(report["models"].items())
-    loads = list((report.get("load") or {}).values())
-    panels = max(len(models) + len(loads), 1)
-    ncols = min(panels, 2)
-    nrows = (panels + ncols - 1) // ncols
-    fig, grid = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 4.8 * nrows), squeeze=False)
-    flat = list(grid.flat)
-    for ax in flat[panels:]:
-        ax.set_visible(False)
-    axes = [flat]  # panels in reading order: latency per model, then load tests
-    colors = {"pipeline": "#d62728", "ort-fp32": "#1f77b4", "ours": "#2ca02c"}
-    for ax, (key, model) in zip(axes[0], models):
-        width = 0.27
-        for k, system in enumerate(SYSTEMS):
-            meds, p99s, xs = [], [], []
-            for j, name in enumerate(SETS):
-                data = model["systems"].get(system, {}).get("sets", {}).get(name)
-                if data:
-                    xs.append(j + (k - 1) * width)
-                    meds.append(data["median_ms"])
-                    p99s.append(data["p99_ms"] - data["median_ms"])
-            if xs:
-                ax.bar(xs, meds, width, yerr=[[0] * len(p99s), p99s], capsize=2, label=system, color=colors[system])
-        ax.set_xticks(range(len(SETS)))
-        long_label = f"{report['settings'].get('long_tokens', 128)} tok"
-        ax.set_xticklabels(["≤32 tok" if s == "short" else long_label if s == "long" else "≤32, 4-char" for s in SETS])
-        ax.set_yscale("log")
-        ax.set_ylabel("latency per query, ms (bar: median, whisker: p99)")
-        title = model["label"].replace("architecture, ", "arch.,\n")
-        ax.set_title(title, fontsize=9)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-        ax.grid(axis="y", alpha=0.3, which="both")
-    for ax, load in zip(axes[0][len(models):], loads):
-        for name, entry in load["results"].items():
-            rates = entry.get("rates", [])
-            if rates:
-                ax.plot([r["offered_rps"] for r in rates], [r["p99_ms"] for r in rates], "o-", label=f"{name} p99")
-                ax.plot([r["offered_rps"] for r in rates], [r["p50_ms"] for r in rates], "x--", label=f"{name} p50")
-        ax.axhline(100, color="grey", lw=0.8, ls=":")
-        ax.set_yscale("log")
-        ax.set_xlabel("offered load, requests/s")
-        ax.set_ylabel("latency, ms")
-        ax.set_title(f"HTTP load test ({load['model']})", fontsize=9)
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3, which="both")
-    fig.suptitle(f"{report['machine'].get('cpu_model')}, {report['machine']['threads']} threads", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
 
 # ============================================================================ command
 
@@ -1301,7 +692,5 @@ def _default_checkpoint(bundle: Path) -> Path | None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "worker":
-        sys.exit(worker_main(sys.argv[2:]))
-    print("usage: python -m tools bench --help  (python -m tools.bench worker ... is internal)", file=sys.stderr)
+    print("usage: python -m tools bench --help", file=sys.stderr)
     sys.exit(2)
