@@ -407,3 +407,56 @@ def test_phases_recorded_before_shape_was_a_phase_field_get_the_record_shape(tmp
     record = {"shape": "4x128x4x512", "phases": [{"steps": 1}, {"steps": 2, "shape": "2x32x2x64"}]}
     (tmp_path / "training.json").write_text(json.dumps(record), encoding="utf-8")
     assert [p["shape"] for p in earlier_phases(tmp_path)] == ["4x128x4x512", "2x32x2x64"]
+
+
+def _with_extra_token(src: Path, dst: Path, token: str, at: int) -> None:
+    """A copy of checkpoint ``src`` whose vocabulary has ``token`` inserted at id ``at``
+    (a row of its own in the embedding and the output bias)."""
+    import torch
+    from transformers import BertForMaskedLM
+
+    model = BertForMaskedLM.from_pretrained(src)
+    tokens = wwm.read_vocab(src / "vocab.txt")
+    tokens.insert(at, token)
+    rows = torch.cat([torch.arange(at), torch.tensor([0]), torch.arange(at, model.config.vocab_size)])
+    with torch.no_grad():
+        table = torch.nn.Embedding(len(tokens), model.config.hidden_size)
+        table.weight.copy_(model.bert.embeddings.word_embeddings.weight[rows])
+        table.weight[at] = 7.0  # easy to tell if this row leaks into the mapped model
+        model.bert.embeddings.word_embeddings = table
+        model.cls.predictions.bias = torch.nn.Parameter(model.cls.predictions.bias[rows].clone())
+        model.cls.predictions.decoder = torch.nn.Linear(model.config.hidden_size, len(tokens))
+        model.cls.predictions.decoder.weight = table.weight
+        model.cls.predictions.decoder.bias = model.cls.predictions.bias
+    model.config.vocab_size = len(tokens)
+    model.save_pretrained(dst)
+    wwm.write_vocab(tokens, dst / "vocab.txt")
+
+
+def test_init_from_maps_another_vocabulary_by_token(tiny_corpus, tmp_path, capsys):
+    import torch
+    from transformers import BertForMaskedLM
+
+    from tools.pretrain import init_from_checkpoint
+
+    first = tmp_path / "first"
+    assert _pretrain(tiny_corpus, first, "--max-steps", "4") == 0
+    tokens = wwm.read_vocab(first / "checkpoint" / "vocab.txt")
+    wider = tmp_path / "wider"
+    _with_extra_token(first / "checkpoint", wider, "龘", 7)
+    original = BertForMaskedLM.from_pretrained(first / "checkpoint").eval()
+    mapped = init_from_checkpoint(wider, tokens, 32).eval()
+    # Every token gets its own row back, the extra one is dropped, the head stays tied.
+    assert mapped.config.vocab_size == len(tokens)
+    assert torch.equal(mapped.bert.embeddings.word_embeddings.weight, original.bert.embeddings.word_embeddings.weight)
+    assert torch.equal(mapped.cls.predictions.bias, original.cls.predictions.bias)
+    assert mapped.cls.predictions.decoder.weight is mapped.bert.embeddings.word_embeddings.weight
+    ids = torch.tensor([[2, 10, 11, 4, 12, 3]])
+    with torch.no_grad():
+        assert torch.allclose(mapped(input_ids=ids).logits, original(input_ids=ids).logits, atol=1e-6)
+    # Training goes on from it through the command line.
+    assert _pretrain(tiny_corpus, tmp_path / "next", "--max-steps", "2", "--init-from", str(wider)) == 0
+    # A token of the data that the checkpoint lacks is refused, with the folder named.
+    with pytest.raises(ToolError, match="not in its vocabulary") as info:
+        init_from_checkpoint(first / "checkpoint", tokens + ["龘"], 32)
+    assert str(first / "checkpoint") in str(info.value)
