@@ -22,40 +22,38 @@ def _unbundle(bundle: Path, out: Path) -> int:
     return main(["unbundle", "--bundle", str(bundle), "--out", str(out), "--check-rows", "40"])
 
 
-def _source_weights() -> dict:
+def _weights(folder: Path):
+    """(model, its state dict as numpy arrays) of a checkpoint folder."""
     from transformers import BertForMaskedLM
 
-    model = BertForMaskedLM.from_pretrained(TINY_CHECKPOINT)
-    return {k: v.numpy() for k, v in model.state_dict().items()}
+    model = BertForMaskedLM.from_pretrained(folder)
+    return model, {k: v.numpy() for k, v in model.state_dict().items()}
+
+
+def _recovered(bundle: Path, out: Path):
+    """Unbundle ``bundle`` into ``out``: (model, state, its training.json 'unbundled')."""
+    assert _unbundle(bundle, out) == 0
+    model, state = _weights(out)
+    return model, state, json.loads((out / "training.json").read_text(encoding="utf-8"))["unbundled"]
 
 
 def test_fp32_bundle_gives_back_the_exact_weights_and_logits(tiny_fp32_bundle_dir, tmp_path):
-    from transformers import BertForMaskedLM
-
-    out = tmp_path / "ckpt"
-    assert _unbundle(tiny_fp32_bundle_dir, out) == 0
-    recovered = BertForMaskedLM.from_pretrained(out)
-    state = {k: v.numpy() for k, v in recovered.state_dict().items()}
-    source = _source_weights()
+    recovered, state, record = _recovered(tiny_fp32_bundle_dir, tmp_path / "ckpt")
+    _, source = _weights(TINY_CHECKPOINT)
     for name in LAYER_WEIGHTS:
         np.testing.assert_array_equal(state[name], source[name], err_msg=name)
     manifest = json.loads((tiny_fp32_bundle_dir / "manifest.json").read_text(encoding="utf-8"))
     assert recovered.config.vocab_size == manifest["vocab_size"]
     assert recovered.config.num_hidden_layers == manifest["architecture"]["num_layers"]
-    record = json.loads((out / "training.json").read_text(encoding="utf-8"))["unbundled"]
     assert record["quantized"] is False and record["tensors"]["dequantized"] == 0
     # PyTorch on the recovered weights computes what ONNX Runtime computes on the bundle.
     assert record["check"]["top1_agreement"] == 1.0 and record["check"]["max_abs_logit_diff"] < 1e-4
 
 
 def test_int8_bundle_gives_weights_within_one_quantization_step(tiny_bundle_dir, tmp_path):
-    from transformers import BertForMaskedLM
-
     out = tmp_path / "ckpt"
-    assert _unbundle(tiny_bundle_dir, out) == 0
-    recovered = BertForMaskedLM.from_pretrained(out)
-    state = {k: v.numpy() for k, v in recovered.state_dict().items()}
-    source = _source_weights()
+    _, state, record = _recovered(tiny_bundle_dir, out)
+    _, source = _weights(TINY_CHECKPOINT)
     for name in LAYER_WEIGHTS:
         # Symmetric per-channel INT8: each value is within half a step (max|w|/127) of it.
         step = np.abs(source[name]).max() / 127
@@ -63,7 +61,6 @@ def test_int8_bundle_gives_weights_within_one_quantization_step(tiny_bundle_dir,
         assert 0 < diff <= step, (name, diff, step)
     # Tied head: the decoder is the word-embedding table (stored once in the INT8 bundle).
     assert np.array_equal(state["cls.predictions.decoder.weight"], state["bert.embeddings.word_embeddings.weight"])
-    record = json.loads((out / "training.json").read_text(encoding="utf-8"))["unbundled"]
     assert record["quantized"] is True and record["tensors"]["dequantized"] > 0
     assert record["check"]["top1_agreement"] >= 0.8
     # The folder loads as a checkpoint the toolchain trains on, with the bundle's vocabulary.
