@@ -211,15 +211,16 @@ def grow_layers(model, layers: int):
     return grown
 
 
-def map_vocabulary(model, folder: Path, tokens: list[str]) -> None:
-    """Re-index ``model`` (in place) from its checkpoint's vocabulary to ``tokens``:
-    each token's embedding row and output bias are taken from the row of the same
-    token, so that training can go on over data prepared with a different kept
-    vocabulary (e.g. a model recovered from a bundle, whose vocabulary was chosen from
-    another preparation of the corpus). Every token must be in the checkpoint."""
-    import torch
+def map_vocabulary(model, folder: Path, have: list[str], tokens: list[str]) -> None:
+    """Re-index ``model`` (in place) from its checkpoint's vocabulary ``have`` to
+    ``tokens``: each token's embedding row and output bias are taken from the row of
+    the same token (:func:`tools.trim_vocab.trim_model`), so that training can go on
+    over data prepared with a different kept vocabulary (e.g. a model recovered from a
+    bundle, whose vocabulary was chosen from another preparation of the corpus). Every
+    token must be in the checkpoint, in the same relative order (both are taken from
+    bert-base-chinese's vocabulary in its order)."""
+    from tools.trim_vocab import trim_model
 
-    have = wwm.read_vocab(Path(folder) / "vocab.txt")
     if len(have) != model.config.vocab_size:
         raise ToolError(f"--init-from {folder}: vocab.txt has {len(have)} tokens, the model "
                         f"{model.config.vocab_size} embedding rows")
@@ -228,19 +229,10 @@ def map_vocabulary(model, folder: Path, tokens: list[str]) -> None:
     if missing:
         raise ToolError(f"--init-from {folder}: {len(missing)} tokens of the prepared data are not in its "
                         f"vocabulary (e.g. {missing[:5]})")
-    rows = torch.tensor([index[t] for t in tokens])
-    with torch.no_grad():
-        table = model.bert.embeddings.word_embeddings
-        new_table = torch.nn.Embedding(len(tokens), table.weight.shape[1], padding_idx=table.padding_idx)
-        new_table.weight.copy_(table.weight[rows])
-        model.bert.embeddings.word_embeddings = new_table
-        head = model.cls.predictions
-        head.bias = torch.nn.Parameter(head.bias[rows].clone())
-        head.decoder = torch.nn.Linear(table.weight.shape[1], len(tokens))
-        # Tied as BertForMaskedLM ties them (_tied_weights_keys).
-        head.decoder.weight = new_table.weight
-        head.decoder.bias = head.bias
-    model.config.vocab_size = len(tokens)
+    try:
+        trim_model(model, [index[t] for t in tokens])
+    except ValueError as exc:
+        raise ToolError(f"--init-from {folder}: its vocabulary orders the tokens differently ({exc})") from exc
     log.info("vocabulary mapped by token: %d → %d rows (%d dropped)", len(have), len(tokens),
              len(have) - len(tokens))
 
@@ -256,8 +248,9 @@ def init_from_checkpoint(folder: Path, tokens: list[str], max_position: int, sha
     if not (Path(folder) / "config.json").is_file():
         raise ToolError(f"--init-from {folder}: no config.json (not a checkpoint folder)")
     model = BertForMaskedLM.from_pretrained(folder)
-    if model.config.vocab_size != len(tokens) or wwm.read_vocab(Path(folder) / "vocab.txt") != list(tokens):
-        map_vocabulary(model, folder, list(tokens))
+    have = wwm.read_vocab(Path(folder) / "vocab.txt")
+    if have != list(tokens):
+        map_vocabulary(model, folder, have, list(tokens))
     old = model.config.max_position_embeddings
     if max_position > old:
         raise ToolError(f"--init-from {folder}: has {old} positions, --max-position {max_position} asks for more")

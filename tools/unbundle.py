@@ -48,16 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_of(manifest: Manifest, vocab_size: int):
     """The ``BertConfig`` a bundle's manifest describes."""
-    from transformers import BertConfig
+    from tools.pretrain import make_config
 
     arch = manifest.architecture
     if arch.model_type != "bert":
         raise ToolError(f"manifest model_type {arch.model_type!r}: only BERT bundles can be unbundled")
-    return BertConfig(vocab_size=vocab_size, hidden_size=arch.hidden_size, num_hidden_layers=arch.num_layers,
-                      num_attention_heads=arch.num_heads, intermediate_size=arch.intermediate_size,
-                      max_position_embeddings=arch.max_position_embeddings, type_vocab_size=2,
-                      pad_token_id=manifest.special_ids["[PAD]"], hidden_dropout_prob=0.0,
-                      attention_probs_dropout_prob=0.0, architectures=["BertForMaskedLM"])
+    shape = f"{arch.num_layers}x{arch.hidden_size}x{arch.num_heads}x{arch.intermediate_size}"
+    return make_config(shape, vocab_size, arch.max_position_embeddings, 0.0, manifest.special_ids["[PAD]"])
 
 
 def initializer_sources(config) -> dict[str, tuple[str, bool]]:
@@ -171,7 +168,8 @@ def vocab_tokens(tokenizer_file: Path) -> list[str]:
     return tokens
 
 
-def agreement(model, bundle_dir: Path, tokens: list[str], mask_id: int, rows: int, seed: int = 0) -> dict:
+def agreement(model, bundle_dir: Path, tokens: list[str], special_ids: dict[str, int], rows: int,
+              seed: int = 0) -> dict:
     """Top-1 agreement of the recovered model (PyTorch) with the bundle (ONNX Runtime)
     at masked positions of seeded random sequences of ordinary tokens."""
     import onnxruntime as ort
@@ -182,9 +180,9 @@ def agreement(model, bundle_dir: Path, tokens: list[str], mask_id: int, rows: in
     seq = min(24, model.config.max_position_embeddings)
     batch = max(1, rows // 2)
     ids = rng.choice(ordinary, size=(batch, seq))
-    ids[:, 0], ids[:, -1] = tokens.index("[CLS]"), tokens.index("[SEP]")
+    ids[:, 0], ids[:, -1] = special_ids["[CLS]"], special_ids["[SEP]"]
     positions = np.stack([rng.choice(np.arange(1, seq - 1), size=2, replace=False) for _ in range(batch)])
-    ids[np.arange(batch)[:, None], positions] = mask_id
+    ids[np.arange(batch)[:, None], positions] = special_ids["[MASK]"]
     attn = np.ones_like(ids)
     session = ort.InferenceSession(str(bundle_dir / MODEL_FILE), providers=["CPUExecutionProvider"])
     onnx_logits = session.run(None, {"input_ids": ids.astype(np.int64), "attention_mask": attn.astype(np.int64),
@@ -227,7 +225,7 @@ def unbundle(bundle_dir: Path, out: Path, check_rows: int = 200) -> dict:
     log.info("reading %s (%s)", model_file, "INT8" if manifest.quantization else "FP32")
     state, counts = recover_state_dict(model, bundle_model)
     model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, strict=False)
-    check = agreement(model, bundle_dir, tokens, manifest.special_ids["[MASK]"], check_rows)
+    check = agreement(model, bundle_dir, tokens, manifest.special_ids, check_rows)
     log.info("recovered %d float and %d dequantized tensors; recovered model vs bundle: top-1 agreement %.1f%% "
              "on %d masked positions, max |logit diff| %.3g", counts["float"], counts["dequantized"],
              100 * check["top1_agreement"], check["masked_positions"], check["max_abs_logit_diff"])
