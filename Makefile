@@ -25,7 +25,7 @@ help:
 	@echo "make run    - serve the embedded default model on http://$(HOST):$(PORT)/"
 	@echo "make test   - install everything and run the test suite"
 	@echo "make model SOURCE=<hub id|preset|folder> OUT=<dir> [VOCAB=n] [CORPUS=path] [RANDOM_INIT=1]"
-	@echo "make default-model [SHIP=1] - retrain the embedded default (seeded, seven phases, ~11.5 h on 2 cores)"
+	@echo "make default-model [SHIP=1] - retrain the embedded default (seeded, eight phases, ~13.5 h on 2 cores)"
 	@echo "make distill-compare [TEACHER=ckpt] [MINUTES=n] - distilled vs scratch student vs teacher report"
 	@echo "make presets - hub checkpoints: shapes, FLOPs, latency measured here (random weights)"
 

@@ -29,11 +29,11 @@ EVERYDAY = [
     ("周末我们一起去超市买东[MASK]吧。", "西"),
 ]
 # Share of EVERYDAY whose answer must be among the top 5. The shipped model scores
-# 10 of 16 (the ones before it 10, 8, 8, 7, 3 and 0 of 16); the floor is one below that, because
+# 9 of 16 (the ones before it 10, 10, 8, 8, 7, 3 and 0 of 16); the floor is one below that, because
 # INT8 kernels differ between CPUs and a close call may flip. A regression floor, not
 # a quality bar: a model that answered these sensibly would score 12+ (see README,
 # "state of the embedded default model").
-MIN_TOP5 = 9 / 16
+MIN_TOP5 = 8 / 16
 
 
 @pytest.fixture(scope="module")
