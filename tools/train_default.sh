@@ -45,32 +45,33 @@ pretrain "$RUN/phase1" --seq-len 128 --max-position 128 --batch-size 32 --seq-sc
 for d in "$RUN/phase2" "$RUN/phase3" "$RUN/phase4" "$RUN/phase5" "$RUN/phase6" "$RUN/phase7" "$RUN"; do   # same corpus cache
   mkdir -p "$d"; [ -d "$d/data" ] || cp -r "$RUN/phase1/data" "$d/data"
 done
-pretrain "$RUN/phase2" --init-from "$RUN/phase1/checkpoint" --seq-len 64 --max-position 64 --batch-size 64 \
-  --seq-schedule 32:0.4 --mask-unit mixed --lr 5e-4 --warmup 0.05 --max-steps "$STEPS2"
+cont=(--seq-len 64 --max-position 64 --batch-size 64 --mask-unit mixed)   # phases 2-8
+pretrain "$RUN/phase2" --init-from "$RUN/phase1/checkpoint" "${cont[@]}" \
+  --seq-schedule 32:0.4 --lr 5e-4 --warmup 0.05 --max-steps "$STEPS2"
 # Phase 3: the same recipe, longer, at length 64 throughout (the loss was still falling),
 # with another seed so the batches come in a new order.
-pretrain "$RUN/phase3" --init-from "$RUN/phase2/checkpoint" --seq-len 64 --max-position 64 --batch-size 64 \
-  --mask-unit mixed --lr 4e-4 --warmup 0.02 --max-steps "$STEPS3" --seed 1
+pretrain "$RUN/phase3" --init-from "$RUN/phase2/checkpoint" "${cont[@]}" \
+  --lr 4e-4 --warmup 0.02 --max-steps "$STEPS3" --seed 1
 # Phase 4: once more (loss still falling after phase 3), lr 3e-4, seed 3.
-pretrain "$RUN/phase4" --init-from "$RUN/phase3/checkpoint" --seq-len 64 --max-position 64 --batch-size 64 \
-  --mask-unit mixed --lr 3e-4 --warmup 0.02 --max-steps "$STEPS4" --seed 3
+pretrain "$RUN/phase4" --init-from "$RUN/phase3/checkpoint" "${cont[@]}" \
+  --lr 3e-4 --warmup 0.02 --max-steps "$STEPS4" --seed 3
 # Phase 5: once more (the loss fell again, 3.97 → 3.89), lr 2.5e-4, seed 4.
-pretrain "$RUN/phase5" --init-from "$RUN/phase4/checkpoint" --seq-len 64 --max-position 64 --batch-size 64 \
-  --mask-unit mixed --lr 2.5e-4 --warmup 0.02 --max-steps "$STEPS5" --seed 4
+pretrain "$RUN/phase5" --init-from "$RUN/phase4/checkpoint" "${cont[@]}" \
+  --lr 2.5e-4 --warmup 0.02 --max-steps "$STEPS5" --seed 4
 # Phase 6: grown to 6 layers (layers 5-6 start as copies of 1-2 with silent output
 # projections, so the model starts where phase 5 ended), lr 3e-4, seed 5: the 4-layer
 # model's returns had shrunk to +1.4 cloze points for phase 5's two hours.
-pretrain "$RUN/phase6" --init-from "$RUN/phase5/checkpoint" --shape 6x128x4x512 --seq-len 64 --max-position 64 \
-  --batch-size 64 --mask-unit mixed --lr 3e-4 --warmup 0.03 --max-steps "$STEPS6" --seed 5
+pretrain "$RUN/phase6" --init-from "$RUN/phase5/checkpoint" --shape 6x128x4x512 "${cont[@]}" \
+  --lr 3e-4 --warmup 0.03 --max-steps "$STEPS6" --seed 5
 # Phase 7: grown again, to 8 layers (layers 7-8 start as silent copies of 1-2), lr 3e-4,
 # seed 6, bfloat16 autocast (1.4x the tokens/s of FP32 on this CPU's AVX512-BF16):
 # growing to 6 had beaten phase 5's 4-layer gain for less time.
-pretrain "$RUN/phase7" --init-from "$RUN/phase6/checkpoint" --shape 8x128x4x512 --seq-len 64 --max-position 64 \
-  --batch-size 64 --mask-unit mixed --lr 3e-4 --warmup 0.03 --max-steps "$STEPS7" --seed 6 --bf16
+pretrain "$RUN/phase7" --init-from "$RUN/phase6/checkpoint" --shape 8x128x4x512 "${cont[@]}" \
+  --lr 3e-4 --warmup 0.03 --max-steps "$STEPS7" --seed 6 --bf16
 # Phase 8: grown once more, to 10 layers (layers 9-10 start as silent copies of 1-2),
 # lr 3e-4, seed 7, bf16: growing to 8 had gained +1.8 / +2.1 cloze points in 135 min.
-pretrain "$RUN" --init-from "$RUN/phase7/checkpoint" --shape 10x128x4x512 --seq-len 64 --max-position 64 \
-  --batch-size 64 --mask-unit mixed --lr 3e-4 --warmup 0.03 --max-steps "$STEPS8" --seed 7 --bf16
+pretrain "$RUN" --init-from "$RUN/phase7/checkpoint" --shape 10x128x4x512 "${cont[@]}" \
+  --lr 3e-4 --warmup 0.03 --max-steps "$STEPS8" --seed 7 --bf16
 "$PY" -m tools build --source "$RUN/checkpoint" --out "$RUN/bundle" --vocab 0 --keep-fp32 --name "$NAME"
 eval_cmd=(python -m tools evaluate --bundle "$RUN/bundle" --compare "$RUN/bundle-fp32"
           --cloze-text "$RUN/data/test_passages.txt" --max-cloze 2000 --threads 2 --report "$RUN/eval")
