@@ -25,6 +25,7 @@ COMMANDS = {
     "distill": ("tools.distill", "TinyBERT-style distillation of a compact student from a teacher"),
     "presets": ("tools.presets", "hub checkpoints to start from: shapes, FLOPs, measured/estimated latency"),
     "evaluate": ("tools.evaluate", "cloze and ChID accuracy of a bundle"),
+    "mlm-loss": ("tools.mlm_loss", "masked-LM loss of checkpoints on identical masks (held-apart vs training text)"),
     "unbundle": ("tools.unbundle", "bundle → Hugging Face checkpoint folder (to train on from a shipped model)"),
     "ship": ("tools.ship", "install a bundle as the embedded default, with its measured accuracy"),
     "bench": ("tools.bench", "side-by-side latency / memory benchmark"),
