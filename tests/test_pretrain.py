@@ -386,7 +386,7 @@ def test_init_from_with_more_layers_grows_the_checkpoint_by_stacking(tiny_corpus
     with torch.no_grad():
         assert torch.allclose(grown(input_ids=ids).logits, small(input_ids=ids).logits, atol=0.05)
 
-    assert _pretrain(tiny_corpus, grown_run, "--max-steps", "2", "--init-from", str(first / "checkpoint"),
+    assert _pretrain(tiny_corpus, grown_run, "--max-steps", "2", "--seed", "1", "--init-from", str(first / "checkpoint"),
                      "--shape", "4x32x2x64") == 0
     info = json.loads((grown_run / "checkpoint" / "training.json").read_text(encoding="utf-8"))
     assert info["shape"] == "4x32x2x64"
@@ -395,7 +395,7 @@ def test_init_from_with_more_layers_grows_the_checkpoint_by_stacking(tiny_corpus
     capsys.readouterr()
     # Only layers can be added: another width, or fewer layers, is refused with the folder named.
     for shape in ("2x64x2x64", "1x32x2x64"):
-        assert _pretrain(tiny_corpus, tmp_path / shape, "--max-steps", "2", "--init-from",
+        assert _pretrain(tiny_corpus, tmp_path / shape, "--max-steps", "2", "--seed", "1", "--init-from",
                          str(first / "checkpoint"), "--shape", shape) == 2
         err = capsys.readouterr().err
         assert str(first / "checkpoint") in err and "can only add layers" in err
@@ -460,3 +460,19 @@ def test_init_from_maps_another_vocabulary_by_token(tiny_corpus, tmp_path, capsy
     with pytest.raises(ToolError, match="not in its vocabulary") as info:
         init_from_checkpoint(first / "checkpoint", tokens + ["龘"], 32)
     assert str(first / "checkpoint") in str(info.value)
+
+
+def test_continuing_with_the_seed_of_an_earlier_phase_is_refused(tiny_corpus, tmp_path, capsys):
+    """Same seed, length and batch size would replay the earlier batches and their blanks."""
+    first = tmp_path / "first"
+    assert _pretrain(tiny_corpus, first, "--max-steps", "2", "--seed", "5") == 0
+    capsys.readouterr()
+    same = ["--max-steps", "2", "--init-from", str(first / "checkpoint"), "--seed", "5"]
+    assert _pretrain(tiny_corpus, tmp_path / "replay", *same) == 2
+    err = capsys.readouterr().err
+    assert "--seed 5" in err and "phase 1" in err and "replay" in err
+    assert not (tmp_path / "replay" / "checkpoint").exists()
+    # Another seed, another length, or an explicit --reuse-seed are fine.
+    assert _pretrain(tiny_corpus, tmp_path / "new-seed", *same[:-1], "6") == 0
+    assert _pretrain(tiny_corpus, tmp_path / "shorter", *same, "--seq-len", "16") == 0
+    assert _pretrain(tiny_corpus, tmp_path / "forced", *same, "--reuse-seed") == 0

@@ -90,6 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-every", type=int, default=20, help="progress line every N steps")
     parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint + state.pt")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reuse-seed", action="store_true",
+                        help="allow --init-from a checkpoint already trained with this seed, length and batch size "
+                             "(its batches and blanks would be replayed)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:0 …)")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (a GPU, or a CPU with AVX512-BF16: 1.4x the tokens/s "
@@ -292,6 +295,23 @@ def earlier_phases(folder: Path | None) -> list[dict]:
         # (a chain could not change shape then).
         return [{**phase, "shape": phase.get("shape") or info.get("shape")} for phase in info["phases"]]
     return [{k: info.get(k) for k in PHASE_FIELDS}]  # a record written before phases were kept
+
+
+def replayed_phase(earlier: list[dict], seed: int, seq_len: int, batch_size: int,
+                   seq_schedule: str | None) -> int | None:
+    """Index (1-based) of an earlier phase whose batches a run would replay, or None.
+
+    The seed fixes both the chunk order and every mask (``Batches``), so a phase with
+    the same seed, length and batch size (neither with a length schedule) sees the same
+    batches with the same blanks, step for step: the model learns those blanks and its
+    logged loss falls without it getting better (phase 9 of the default model)."""
+    if seq_schedule:
+        return None
+    for i, phase in enumerate(earlier, 1):
+        if (phase.get("seed") == seed and phase.get("seq_len") == seq_len
+                and phase.get("batch_size") == batch_size and not phase.get("seq_schedule")):
+            return i
+    return None
 
 
 def with_phases(info: dict, earlier: list[dict]) -> dict:
@@ -504,6 +524,13 @@ def run(args: argparse.Namespace) -> int:
         if state_path.exists():
             raise ToolError(f"{run_dir} already holds a run (state.pt); use --resume or another --run-dir")
         if args.init_from:
+            replayed = replayed_phase(earlier_phases(args.init_from), args.seed, args.seq_len, args.batch_size,
+                                      args.seq_schedule)
+            if replayed and not args.reuse_seed:
+                raise ToolError(f"--seed {args.seed}: {args.init_from} was trained with seed {args.seed}, length "
+                                f"{args.seq_len} and batch size {args.batch_size} in its phase {replayed}; this run "
+                                "would replay those batches with the same blanks. Pick another --seed "
+                                "(or pass --reuse-seed)")
             tokens = [t for t, _ in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])]
             model = init_from_checkpoint(args.init_from, tokens, args.max_position, args.shape)
         else:
