@@ -510,6 +510,7 @@ def run(args: argparse.Namespace) -> int:
         raise ToolError(f"--device {args.device}: no CUDA device is available")
     torch.manual_seed(args.seed)
     ckpt_dir, state_path = run_dir / "checkpoint", run_dir / "state.pt"
+    earlier = earlier_phases(args.init_from)  # read once: the seed check and the phase record
     state = {"step": 0, "elapsed": 0.0, "tokens": 0, "masked": 0}
     if args.resume:
         if not (ckpt_dir / "config.json").is_file() or not state_path.is_file():
@@ -524,8 +525,7 @@ def run(args: argparse.Namespace) -> int:
         if state_path.exists():
             raise ToolError(f"{run_dir} already holds a run (state.pt); use --resume or another --run-dir")
         if args.init_from:
-            replayed = replayed_phase(earlier_phases(args.init_from), args.seed, args.seq_len, args.batch_size,
-                                      args.seq_schedule)
+            replayed = replayed_phase(earlier, args.seed, args.seq_len, args.batch_size, args.seq_schedule)
             if replayed and not args.reuse_seed:
                 raise ToolError(f"--seed {args.seed}: {args.init_from} was trained with seed {args.seed}, length "
                                 f"{args.seq_len} and batch size {args.batch_size} in its phase {replayed}; this run "
@@ -566,8 +566,6 @@ def run(args: argparse.Namespace) -> int:
         if args.max_steps:
             p = max(p, state["step"] / args.max_steps)
         return p
-
-    earlier = earlier_phases(args.init_from)
 
     def training_info() -> dict:
         unit = {"word": "whole-word (jieba)", "char": "token",
