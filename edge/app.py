@@ -8,8 +8,9 @@ fake or a tiny engine::
 Routes:
 
 - ``GET /``: the self-contained kiosk page (``edge/static/index.html``).
-- ``POST /api/predict``: ``{"text": "…[MASK]…", "top_k": 5, "blank_length": 2|"auto"}``
-  → ``engine.predict`` (the JSON shape of design.md "HTTP API").
+- ``POST /api/predict``: ``{"text": "…[MASK]…", "top_k": 5, "blank_length": 2|"auto", "fusion": true}``
+  → ``engine.predict`` (the JSON shape of design.md "HTTP API"; ``"fusion": false``
+  answers from the model alone, without the bundle's word LM and phrase memory).
 - ``GET /api/info``: the model summary, with a loud ``warning`` when ``random_init``.
 - ``GET /healthz``: liveness.
 - ``GET /metrics``: Prometheus text format (requests, errors, latency, engine counters).
@@ -220,9 +221,12 @@ def create_app(engine: Any = None, config: dict[str, Any] | None = None) -> Flas
     @app.post("/api/predict")
     def predict() -> Response:
         body = read_json_body()
-        text, top_k, blank_length = validate_predict(body, app.config["MAX_TOP_K"], app.config["DEFAULT_TOP_K"])
+        text, top_k, blank_length, fusion = validate_predict(body, app.config["MAX_TOP_K"], app.config["DEFAULT_TOP_K"])
         try:
-            result = engine.predict(text, top_k=top_k, blank_length=blank_length)
+            # ``fusion`` is passed only when the client turned it off, so an engine
+            # without the option (a fake, an older one) still serves the default.
+            options = {} if fusion else {"fusion": False}
+            result = engine.predict(text, top_k=top_k, blank_length=blank_length, **options)
         except Exception as exc:  # noqa: BLE001 - input errors become 400, the rest 500
             if is_engine_input_error(exc):
                 code = exc.code  # type: ignore[attr-defined]
@@ -297,8 +301,8 @@ def read_json_body() -> Any:
         ) from exc
 
 
-def validate_predict(body: Any, max_top_k: int, default_top_k: int) -> tuple[str, int, int | str | None]:
-    """Check the predict request's fields; return (text, top_k, blank_length) or raise ApiError.
+def validate_predict(body: Any, max_top_k: int, default_top_k: int) -> tuple[str, int, int | str | None, bool]:
+    """Check the predict request's fields; return (text, top_k, blank_length, fusion) or raise ApiError.
 
     Text content (empty, no blank, too long…) is the engine's to judge; this checks
     the JSON types and ranges that belong to the HTTP API.
@@ -340,7 +344,13 @@ def validate_predict(body: Any, max_top_k: int, default_top_k: int) -> tuple[str
             "bad_blank_length",
             "blank_length 必须是正整数或 \"auto\"。 / blank_length must be a positive integer or \"auto\".",
         )
-    return text, top_k, blank_length
+    fusion = body.get("fusion", True)
+    if not isinstance(fusion, bool):
+        raise ApiError(
+            "bad_fusion",
+            "fusion 必须是 true 或 false。 / fusion must be true (model + word LM + phrase memory) or false (model alone).",
+        )
+    return text, top_k, blank_length, fusion
 
 
 def _model_summary(engine: Any) -> dict[str, Any]:

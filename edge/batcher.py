@@ -103,11 +103,16 @@ class MicroBatcher:
 
     def submit(self, rows: list[Row], timeout: float | None = 60.0) -> list[np.ndarray]:
         """Run ``rows`` (in some batch) and return each row's logits ``[n_positions, vocab]``."""
+        return self.submit_async(rows).result(timeout=timeout)
+
+    def submit_async(self, rows: list[Row]):
+        """Queue ``rows`` and return a future of what :meth:`submit` returns: the caller
+        may work on (ONNX Runtime releases the GIL while it runs) and wait later."""
         if self._closed:
             raise RuntimeError("the inference worker is shut down")
         request = _Request(rows=list(rows))
         self._queue.put(request)
-        return request.future.result(timeout=timeout)
+        return request.future
 
     def close(self) -> None:
         """Stop the worker after the requests already queued."""

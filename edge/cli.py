@@ -3,7 +3,7 @@
 ::
 
     python -m edge serve [--bundle DIR] [--host 127.0.0.1] [--port 8000] [--token T]
-    python -m edge predict "床前明月光，疑是地[MASK]霜。" [--top-k 5] [--blank-length auto] [--json]
+    python -m edge predict "床前明月光，疑是地[MASK]霜。" [--top-k 5] [--blank-length auto] [--json] [--no-fusion]
     python -m edge info [--json]
     python -m edge serial /dev/ttyUSB0 [--mode terminal|line]   # (edge/serial_terminal.py)
 
@@ -23,6 +23,7 @@ import unicodedata
 from typing import Any
 
 from edge import __version__
+from edge.quotes import quote_line
 
 log = logging.getLogger("edge.cli")
 
@@ -128,6 +129,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--max-batch", type=positive_int, default=16, help="most rows (sequences) per model run")
     group.add_argument("--cache-size", type=int, default=1024, help="LRU cache entries (0 disables the cache)")
+    group.add_argument(
+        "--no-fusion", action="store_true",
+        help="answer from the model alone, ignoring the bundle's word LM and phrase memory (for comparison)",
+    )
 
 
 def positive_int(value: str) -> int:
@@ -166,6 +171,7 @@ def load_engine(args: argparse.Namespace) -> Any:
         batch_window_ms=args.batch_window_ms,
         max_batch=args.max_batch,
         cache_size=args.cache_size,
+        fusion=not args.no_fusion,
     )
 
 
@@ -279,10 +285,17 @@ def format_prediction(text: str, result: dict[str, Any]) -> str:
         for rank, cand in enumerate(candidates, 1):
             score = float(cand.get("score", 0.0))
             bar = "█" * round(score * BAR_WIDTH)
-            lines.append(f"  {rank:>2}. {pad(cand['text'], width)}  {score * 100:5.1f}%  {bar}")
+            sources = "+".join(cand.get("sources") or [])
+            lines.append(f"  {rank:>2}. {pad(cand['text'], width)}  {score * 100:5.1f}%  {pad(bar, BAR_WIDTH)}"
+                         + (f"  {sources}" if sources else ""))
+        quote = quote_line(candidates[0]) if candidates else None
+        if quote:
+            lines.append(f"  出处: {quote}")
         if blank.get("low_confidence"):
             lines.append(f"  ⚠ {blank.get('hint') or '上下文信息不足，建议补充更多背景'}")
     notes = [f"{result.get('elapsed_ms', 0):.1f} ms"]
+    if result.get("fusion") is False:
+        notes.append("model only")
     if result.get("cached"):
         notes.append("cached")
     if result.get("truncated"):

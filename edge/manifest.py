@@ -79,6 +79,12 @@ class Manifest:
     training: dict[str, Any] | None = None
     created: str = ""
     notes: str = ""
+    # Knowledge at answer time (optional; a bundle without them answers from the model alone):
+    # the word n-gram LM (``lm.bin``), the exact phrase memory (``memory.bin``), their
+    # provenance and license, and the fitted weights that fuse them with the model.
+    lm: dict[str, Any] | None = None
+    memory: dict[str, Any] | None = None
+    fusion: dict[str, Any] | None = None
 
     # -- serialisation -------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterator
 import serial
 
 from edge.blanks import find_blanks
+from edge.quotes import quote_line
 
 LOG = logging.getLogger("edge.serial")
 
@@ -228,6 +229,9 @@ def format_answer(text: str, result: dict[str, Any]) -> list[str]:
             filled_cells = round(max(0.0, min(1.0, score)) * BAR_WIDTH)
             bar = "#" * filled_cells + "." * (BAR_WIDTH - filled_cells)
             lines.append(f"  {rank}. {_pad(cand['text'], columns)}  [{bar}] {score * 100:5.1f}%")
+        quote = quote_line(candidates[0]) if candidates else None
+        if quote:
+            lines.append(f"  出处：{quote}")
         if blank.get("low_confidence"):
             lines.append(f"  ! {blank.get('hint') or LOW_CONFIDENCE_HINT}")
     footer = f"用时 {float(result.get('elapsed_ms', 0.0)):.1f} ms"

@@ -31,6 +31,9 @@ POOLS = {
     4: ["一丝不苟", "踏踏实实", "认认真真", "兢兢业业", "稳稳当当"],
 }
 CONFIDENT = [0.81, 0.09, 0.04, 0.02, 0.01]
+# A text holding this gets, fused, a first candidate from the phrase memory with its source.
+FAMOUS = "床前明月光"
+QUOTE = {"text": "床前明月光，疑是地上霜。", "title": "静夜思", "author": "李白", "dynasty": "唐"}
 UNSURE = [0.35, 0.25, 0.15, 0.1, 0.05]
 
 
@@ -58,11 +61,15 @@ class FakeEngine:
         self._stats = {"cache_hits": 0, "cache_misses": 0, "batches_total": 0, "inferences_total": 0}
         self._batch_sizes: dict[int, int] = {}
 
-    def predict(self, text: str, top_k: int = 5, blank_length: int | str | None = None) -> dict[str, Any]:
+    def predict(self, text: str, top_k: int = 5, blank_length: int | str | None = None,
+                fusion: bool = True) -> dict[str, Any]:
         """Return the API JSON shape for ``text``; raise FakeInputError on bad input."""
         started = time.perf_counter()
         with self._lock:
-            self.calls.append({"text": text, "top_k": top_k, "blank_length": blank_length})
+            call = {"text": text, "top_k": top_k, "blank_length": blank_length}
+            if not fusion:
+                call["fusion"] = False
+            self.calls.append(call)
         if "BOOM" in text:
             raise RuntimeError("fake engine failure (BOOM in the text)")
         if not text.strip():
@@ -83,7 +90,7 @@ class FakeEngine:
         if self.delay_s:
             time.sleep(self.delay_s)
 
-        key = (text, top_k, blank_length)
+        key = (text, top_k, blank_length, fusion)
         with self._lock:
             cached = key in self._seen
             self._seen.add(key)
@@ -107,8 +114,13 @@ class FakeEngine:
             scores = CONFIDENT if length == 1 else UNSURE
             pool = POOLS[length]
             candidates = [
-                {"text": pool[i], "score": scores[i] if i < len(scores) else 0.001} for i in range(min(top_k, len(pool)))
+                {"text": pool[i], "score": scores[i] if i < len(scores) else 0.001,
+                 "sources": ["model", "lm"] if fusion and i % 2 else ["model"]}
+                for i in range(min(top_k, len(pool)))
             ]
+            if fusion and FAMOUS in text and length == 1:
+                candidates[0]["sources"] = ["lm", "memory"]
+                candidates[0]["quote"] = dict(QUOTE)
             blank = {"start": run.start(), "length": length, "candidates": candidates,
                      "low_confidence": candidates[0]["score"] < 0.6}
             if blank["low_confidence"]:
@@ -119,6 +131,7 @@ class FakeEngine:
             "truncated": False,
             "cached": cached,
             "elapsed_ms": round((time.perf_counter() - started) * 1000, 3),
+            "fusion": fusion,
             "model": {"name": "fake-engine", "random_init": self.random_init},
         }
 

@@ -218,6 +218,23 @@ def test_enter_submits_and_multi_blank_hint(server, driver, tmp_path):
     save_screenshot(driver, tmp_path, "kiosk_800x480_multi.png")
 
 
+def test_the_source_of_an_answer_shows_under_it(server, driver, tmp_path):
+    open_page(driver, server, KIOSK)
+    set_text(driver, "床前明月光，疑是地[MASK]霜。")
+    predict_and_wait(driver, driver.find_element(By.ID, "predict").click)
+    quote = driver.find_element(By.CSS_SELECTOR, "#output .quote")
+    assert quote.is_displayed()
+    assert "床前明月光，疑是地上霜。" in quote.text and "李白《静夜思》（唐）" in quote.text
+    sources = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#output .cand .src")]
+    assert sources[0] == "词库·语料" and sources[1] == "模型·词库"
+    save_screenshot(driver, tmp_path, "kiosk_800x480_quote.png")
+    # "仅模型" asks for the model alone: no quote, and the page says so.
+    driver.find_element(By.ID, "model-only").click()
+    predict_and_wait(driver, driver.find_element(By.ID, "predict").click)
+    assert not driver.find_elements(By.CSS_SELECTOR, "#output .quote")
+    assert "仅模型" in driver.find_element(By.ID, "meta").text
+
+
 def test_error_message_is_visible(server, driver, tmp_path):
     open_page(driver, server, KIOSK)
     set_text(driver, "今天天气很[MASK]。")

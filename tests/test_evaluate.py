@@ -27,7 +27,10 @@ class OracleEngine:
     among fixed distractors; ``score_fillers`` prefers the filler in ``truth``."""
 
     def __init__(self, passages=(), rank=0, truth=None, quantization=None):
-        self.passages = list(passages)
+        from tools.dev_sets import EVERYDAY
+
+        # It also knows the everyday sentences, which evaluate measures too.
+        self.passages = list(passages) + [text.replace("[MASK]", answer) for text, answer in EVERYDAY]
         self.rank = rank
         self.truth = truth or {}
         self.quantization = quantization
@@ -185,6 +188,7 @@ def test_run_with_fake_engines_prints_json_and_writes_report(tmp_path, monkeypat
     assert figures[0]["chid_acc"] == figures[1]["chid_acc"] == 1.0
     assert figures[1]["cloze_top1_agreement_with_first"] == 0.0
     assert figures[0]["n_cloze"] == 3 and figures[0]["n_chid"] == 1
+    assert (figures[0]["everyday_top1"], figures[1]["everyday_top1"], figures[1]["everyday_top5"]) == (16, 0, 16)
     assert all(e.closed for e in engines.values())
     for name in ("evaluation.md", "evaluation.png", "evaluation.json"):
         assert (report / name).stat().st_size > 0

@@ -27,6 +27,9 @@ COMMANDS = {
     "evaluate": ("tools.evaluate", "cloze and ChID accuracy of a bundle"),
     "mlm-loss": ("tools.mlm_loss", "masked-LM loss of checkpoints on identical masks (held-apart vs training text)"),
     "unbundle": ("tools.unbundle", "bundle → Hugging Face checkpoint folder (to train on from a shipped model)"),
+    "lm": ("tools.lm", "ARPA word n-gram LM → the bundle's lm.bin (convert); score a text with it"),
+    "memory": ("tools.memory", "training corpus → the bundle's exact phrase memory (build); look a blank up"),
+    "fusion": ("tools.fusion", "fit the weights that fuse model, word LM and memory (on development data)"),
     "ship": ("tools.ship", "install a bundle as the embedded default, with its measured accuracy"),
     "bench": ("tools.bench", "side-by-side latency / memory benchmark"),
 }

@@ -257,6 +257,16 @@ def add_arguments(parser) -> None:
                         help="apply onnxruntime.transformers BERT fusions before quantizing (measured: no gain)")
     parser.add_argument("--samples", type=int, default=200, help="masked test lines for INT8 vs FP32")
     parser.add_argument("--no-cache", action="store_true", help="recount the corpus (ignore cached counts)")
+    knowledge = parser.add_argument_group("answer-time knowledge (see tools lm / tools memory / tools fusion)")
+    knowledge.add_argument("--lm", type=Path, default=None, metavar="ARPA",
+                           help="word n-gram LM (ARPA, plain or .tar.xz) to convert into the bundle (lm.bin); "
+                                "its LICENSE*/README* beside it ship too")
+    knowledge.add_argument("--lm-license-id", default="", help="SPDX id of the LM's license, for the manifest")
+    knowledge.add_argument("--memory", type=Path, default=None, metavar="CORPUS",
+                           help="corpus folder whose training split becomes the phrase memory (memory.bin)")
+    knowledge.add_argument("--memory-license-id", default="", help="SPDX id of the corpus's license")
+    knowledge.add_argument("--no-fit", action="store_true",
+                           help="keep the default fusion weights (otherwise fitted on the development data)")
 
 
 
@@ -283,12 +293,44 @@ def training_summary(source) -> dict | None:
     return summary
 
 
+def add_knowledge(out: Path, lm: Path | None, memory: Path | None, lm_license_id: str = "",
+                  memory_license_id: str = "", fit: bool = True, random_init: bool = False) -> None:
+    """Give a built bundle its word LM and phrase memory, then fit the fusion weights
+    (not for random weights: a fit on them would mean nothing; the defaults stay)."""
+    from tools.fusion import SHARED, fit_bundle
+    from tools.lm import add_lm_to_bundle
+    from tools.memory import add_memory_to_bundle
+
+    for path, what in ((lm, "LM"), (memory, "memory corpus")):
+        if path is not None and not Path(path).exists():
+            raise ToolError(f"{path}: {what} not found")
+    if lm is not None:
+        add_lm_to_bundle(out, lm, license_id=lm_license_id)
+    if memory is not None:
+        add_memory_to_bundle(out, memory, license_id=memory_license_id)
+    if lm is None and memory is None:
+        return
+    if random_init or not fit:
+        log.info("fusion weights: the defaults (%s)", "random weights" if random_init else "--no-fit")
+        return
+    if not (SHARED / "data").is_dir():
+        log.warning("%s is not present: the fusion weights stay the defaults (fit later with tools fusion fit)",
+                    SHARED / "data")
+        return
+    fit_bundle(out, SHARED / "data", SHARED / "data" / "fewclue" / "chid" / "dev_few_all.json")
+
+
 def run(args) -> int:
     """Build one bundle from the command line."""
+    for path, what in ((args.lm, "LM"), (args.memory, "memory corpus")):
+        if path is not None and not Path(path).exists():
+            raise ToolError(f"{path}: {what} not found")
     build_bundle(
         source=args.source, out=args.out, vocab_size=args.vocab or None, corpus=args.corpus,
         random_init=args.random_init, seed=args.seed, revision=args.revision, name=args.name,
         keep_fp32=args.keep_fp32, optimize=args.optimize, samples=args.samples,
         use_cache=not args.no_cache,
     )
+    add_knowledge(args.out, args.lm, args.memory, args.lm_license_id, args.memory_license_id,
+                  fit=not args.no_fit, random_init=args.random_init)
     return 0

@@ -21,8 +21,15 @@ quantization and the engine's own decoding.
     context adds. When a passage holds several ``#idiom#`` the first is the blank
     the candidates belong to (as :func:`tools.corpus.record_text` assumes) and the
     others are deleted (the engine would read them as text otherwise).
-(c) Several bundles (``--bundle`` repeated, or ``--compare FP32_DIR``) are measured
+(c) The 16 everyday sentences of :mod:`tools.dev_sets`: how many get the expected
+    answer first and in the top 5.
+(d) Several bundles (``--bundle`` repeated, or ``--compare FP32_DIR``) are measured
     on the same items; the report adds each bundle's top-1 agreement with the first.
+(e) A bundle with a word LM or a phrase memory is measured as it ships (fusion on)
+    and, in a second row, from its model alone (``fusion: false``); the fused row
+    says which sources proposed the top-1 answers (``top1_sources``: the share of
+    top-1 answers listing each of ``model``, ``lm``, ``memory``; ``top1_not_model``:
+    the share the model did not propose at all).
 """
 
 from __future__ import annotations
@@ -161,7 +168,7 @@ def _map(function: Callable, items: Sequence, workers: int) -> list:
 
 
 def evaluate_cloze(engine, items: Sequence[ClozeItem], top_k: int = 5, workers: int = 4,
-                   progress: Callable[[str], None] | None = None) -> dict:
+                   progress: Callable[[str], None] | None = None, fusion: bool | None = None) -> dict:
     """Top-1 / top-k accuracy of ``engine.predict`` on ``items``.
 
     A query the engine rejects (``ValueError`` / ``InputError``) or that yields a
@@ -170,35 +177,60 @@ def evaluate_cloze(engine, items: Sequence[ClozeItem], top_k: int = 5, workers: 
     """
     def ask(item: ClozeItem):
         try:
-            result = engine.predict(item.text, top_k=top_k)
+            result = engine.predict(item.text, top_k=top_k, **_fusion_option(fusion))
         except ValueError as exc:
             return None, f"{getattr(exc, 'code', 'error')}: {exc}"
         if len(result.get("blanks", [])) != 1:
             return None, f"{len(result.get('blanks', []))} blanks"
-        return [c["text"] for c in result["blanks"][0]["candidates"]], None
+        return result["blanks"][0]["candidates"], None
 
     started = time.monotonic()
     answers = _map(ask, items, workers)
     top1 = topk = scored = 0
     predictions: list[str | None] = []
     skipped: list[str] = []
+    sources: dict[str, int] = {}
+    not_model = 0
     for item, (candidates, problem) in zip(items, answers):
         if candidates is None:
             skipped.append(problem)
             predictions.append(None)
             continue
         scored += 1
-        predictions.append(candidates[0] if candidates else None)
-        top1 += bool(candidates) and candidates[0] == item.answer
-        topk += item.answer in candidates[:top_k]
+        texts = [c["text"] for c in candidates]
+        predictions.append(texts[0] if texts else None)
+        top1 += bool(texts) and texts[0] == item.answer
+        topk += item.answer in texts[:top_k]
+        if candidates:
+            for source in candidates[0].get("sources", ["model"]):
+                sources[source] = sources.get(source, 0) + 1
+            not_model += "model" not in candidates[0].get("sources", ["model"])
     if progress:
         progress(f"cloze: {scored} scored, {len(skipped)} skipped in {time.monotonic() - started:.1f} s")
     return {"cloze_top1": top1 / scored if scored else None, f"cloze_top{top_k}": topk / scored if scored else None,
             "n_cloze": scored, "cloze_skipped": len(skipped), "cloze_skip_reasons": sorted(set(skipped))[:5],
-            "cloze_seconds": round(time.monotonic() - started, 2), "_cloze_predictions": predictions}
+            "cloze_seconds": round(time.monotonic() - started, 2), "_cloze_predictions": predictions,
+            "top1_sources": {k: round(v / scored, 4) for k, v in sorted(sources.items())} if scored else {},
+            "top1_not_model": round(not_model / scored, 4) if scored else None}
 
 
-def _no_context_scores(engine, fillers: Sequence[str]) -> dict[str, float]:
+def evaluate_everyday(engine, fusion: bool | None = None) -> dict:
+    """The 16 everyday sentences: expected answer first / in the top 5, and which missed."""
+    from tools.dev_sets import EVERYDAY
+
+    first = in_top5 = 0
+    missed = []
+    for text, answer in EVERYDAY:
+        result = engine.predict(text, top_k=5, **_fusion_option(fusion))
+        texts = [c["text"] for c in result["blanks"][0]["candidates"]]
+        first += bool(texts) and texts[0] == answer
+        in_top5 += answer in texts
+        if not texts or texts[0] != answer:
+            missed.append(f"{text} → {texts[0] if texts else '–'} (want {answer})")
+    return {"everyday_top1": first, "everyday_top5": in_top5, "n_everyday": len(EVERYDAY), "everyday_missed": missed}
+
+
+def _no_context_scores(engine, fillers: Sequence[str], fusion: bool | None = None) -> dict[str, float]:
     """Each filler's joint log-probability with no context (the blank alone); one
     engine call per filler length."""
     by_length: dict[int, list[str]] = {}
@@ -206,24 +238,24 @@ def _no_context_scores(engine, fillers: Sequence[str]) -> dict[str, float]:
         by_length.setdefault(len(filler), []).append(filler)
     scores: dict[str, float] = {}
     for length, group in by_length.items():
-        scores.update(zip(group, engine.score_fillers(MASK * length, group)))
+        scores.update(zip(group, engine.score_fillers(MASK * length, group, **_fusion_option(fusion))))
     return scores
 
 
 def evaluate_chid(engine, items: Sequence[ChidItem], workers: int = 4,
-                  progress: Callable[[str], None] | None = None) -> dict:
+                  progress: Callable[[str], None] | None = None, fusion: bool | None = None) -> dict:
     """Accuracy of choosing the ChID candidate with the highest joint log-probability
     (``chid_acc``), and with the highest score minus its no-context score (``chid_acc_pmi``)."""
     priors: dict[str, float] = {}  # idioms recur across questions; threads may race, same value
 
     def choose(item: ChidItem):
         try:
-            scores = engine.score_fillers(item.text, list(item.candidates))
+            scores = engine.score_fillers(item.text, list(item.candidates), **_fusion_option(fusion))
             if len(scores) != len(item.candidates):
                 return None, f"line {item.line}: {len(scores)} scores for {len(item.candidates)} candidates"
             missing = [c for c in dict.fromkeys(item.candidates) if c not in priors]
             if missing:
-                priors.update(_no_context_scores(engine, missing))
+                priors.update(_no_context_scores(engine, missing, fusion))
         except ValueError as exc:
             return None, f"line {item.line}: {getattr(exc, 'code', 'error')}: {exc}"
         pmi = [s - priors[c] for s, c in zip(scores, item.candidates)]
@@ -254,14 +286,28 @@ def evaluate_chid(engine, items: Sequence[ChidItem], workers: int = 4,
 
 
 def evaluate_engine(engine, cloze: Sequence[ClozeItem], chid: Sequence[ChidItem], workers: int = 4,
-                    progress: Callable[[str], None] | None = None) -> dict:
-    """Cloze and ChID figures of one engine (private per-item answers under ``_`` keys)."""
+                    progress: Callable[[str], None] | None = None, fusion: bool | None = None,
+                    everyday: bool = True) -> dict:
+    """Cloze, ChID and everyday figures of one engine (private per-item answers under ``_`` keys)."""
     result: dict = {}
     if cloze:
-        result.update(evaluate_cloze(engine, cloze, workers=workers, progress=progress))
+        result.update(evaluate_cloze(engine, cloze, workers=workers, progress=progress, fusion=fusion))
     if chid:
-        result.update(evaluate_chid(engine, chid, workers=workers, progress=progress))
+        result.update(evaluate_chid(engine, chid, workers=workers, progress=progress, fusion=fusion))
+    if everyday:
+        result.update(evaluate_everyday(engine, fusion=fusion))
     return result
+
+
+def _fusion_option(fusion: bool | None) -> dict:
+    """The keyword for engine calls: none for the engine's default (an engine without
+    fusion, or a fake one, need not know the option)."""
+    return {} if fusion is None else {"fusion": fusion}
+
+
+def has_fusion(engine) -> bool:
+    """Whether the engine's bundle has a word LM or a phrase memory to fuse."""
+    return getattr(engine, "fusion", None) is not None
 
 
 def agreement(first: Sequence, other: Sequence) -> float | None:
@@ -321,6 +367,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the per-query latency measurement (short queries, cache and batching off)")
     parser.add_argument("--name", action="append", default=[],
                         help="label for the bundles in the report, in order (default: manifest name)")
+    parser.add_argument("--model-only", action="store_true",
+                        help="measure only the model (fusion off) even when the bundle has an LM / memory")
     parser.add_argument("--report", type=Path, default=None, metavar="OUT_DIR",
                         help="write evaluation.md, evaluation.png and evaluation.json there")
 
@@ -380,23 +428,34 @@ def run(args: argparse.Namespace) -> int:
     results = []
     for path in bundles:
         engine = _open_engine(path, args.threads)
+        rows = []
         try:
-            result = describe(engine, path)
-            result.update(evaluate_engine(engine, cloze, chid, args.workers,
-                                          progress=lambda m, p=path: log.info("%s: %s", p, m)))
+            # What ships first (fused, when the bundle can), then the model alone beside it.
+            modes = [True, False] if has_fusion(engine) and not args.model_only else [None]
+            if args.model_only and has_fusion(engine):
+                modes = [False]
+            for fused in modes:
+                result = describe(engine, path)
+                result["fusion"] = bool(fused)
+                if len(modes) > 1:
+                    result["name"] = f"{result.get('name')} ({'fused' if fused else 'model only'})"
+                result.update(evaluate_engine(engine, cloze, chid, args.workers, fusion=fused,
+                                              progress=lambda m, p=path: log.info("%s: %s", p, m)))
+                rows.append(result)
         finally:
             engine.close()
-        if not args.no_latency:
-            from tools.presets import time_bundle
+        for result in rows:
+            if not args.no_latency:
+                from tools.presets import time_bundle
 
-            timing = time_bundle(path, args.threads, repeats=3)
-            result.update(latency_ms_median=timing["median_ms"], latency_ms_p90=timing["p90_ms"],
-                          latency_threads=timing["threads"])
-        if len(results) < len(args.name):
-            result["name"] = args.name[len(results)]
-        results.append(result)
-        log.info("%s", json.dumps({k: v for k, v in public(result).items() if "reasons" not in k},
-                                  ensure_ascii=False))
+                timing = time_bundle(path, args.threads, repeats=3, fusion=result["fusion"])
+                result.update(latency_ms_median=timing["median_ms"], latency_ms_p90=timing["p90_ms"],
+                              latency_threads=timing["threads"])
+            if len(results) < len(args.name):
+                result["name"] = args.name[len(results)]
+            results.append(result)
+            log.info("%s", json.dumps({k: v for k, v in public(result).items() if "reasons" not in k},
+                                      ensure_ascii=False))
     for result in results[1:]:
         result["cloze_top1_agreement_with_first"] = agreement(results[0].get("_cloze_predictions", []),
                                                               result.get("_cloze_predictions", []))

@@ -69,7 +69,11 @@ for bundle in "${BUNDLES[@]+"${BUNDLES[@]}"}"; do
     target=$STAGE/bundles/$(basename "$(cd "$bundle" && pwd)")
     [ -e "$target" ] && die "two bundles named $(basename "$target")"
     mkdir -p "$target"
-    cp "$bundle"/manifest.json "$bundle"/model.onnx "$bundle"/tokenizer.json "$target"/
+    # The manifest and every file it lists (model, tokenizer; word LM, phrase memory and their licenses).
+    cp "$bundle"/manifest.json "$target"/
+    for name in $("$PYTHON" -c 'import sys; from edge.manifest import Manifest; print("\n".join(Manifest.load(sys.argv[1]).files))' "$bundle"); do
+        cp "$bundle/$name" "$target/"
+    done
 done
 if [ "$EMBEDDED" = no ] && [ ${#BUNDLES[@]} -eq 0 ]; then
     die "no model to ship: edge/default_bundle/ is missing (build it with 'make model ...') and no --bundle DIR was given"
@@ -88,7 +92,8 @@ find "$SRC" -name __pycache__ -prune -exec rm -rf {} +
     || "$PYTHON" -m pip wheel -q --no-deps -w "$STAGE/wheels" "$SRC"
 WHEEL=$(ls "$STAGE"/wheels/fillmask_edge-*.whl)
 if [ "$EMBEDDED" = yes ]; then
-    "$PYTHON" -c 'import sys, zipfile; names = zipfile.ZipFile(sys.argv[1]).namelist(); sys.exit(0 if "edge/default_bundle/model.onnx" in names else "the wheel lacks edge/default_bundle/model.onnx")' "$WHEEL"
+    # Every file the embedded bundle's manifest lists must be in the wheel.
+    "$PYTHON" -c 'import sys, zipfile; from edge.manifest import Manifest; names = set(zipfile.ZipFile(sys.argv[1]).namelist()); missing = [f for f in ["manifest.json", *Manifest.load(sys.argv[2]).files] if "edge/default_bundle/" + f not in names]; sys.exit("the wheel lacks edge/default_bundle/" + ", ".join(missing) if missing else 0)' "$WHEEL" "$ROOT/edge/default_bundle"
 fi
 
 # 3. Dependency wheels for each target Python, manylinux aarch64 up to glibc 2.36.

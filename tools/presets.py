@@ -106,11 +106,13 @@ def build_random_bundle(p: Preset, work: Path, vocab: int) -> Path:
     return bundle
 
 
-def time_bundle(bundle: Path | None, threads: int | None, repeats: int = 5) -> dict[str, Any]:
-    """Median / p90 engine latency (ms) of the short queries, cache and batching off."""
+def time_bundle(bundle: Path | None, threads: int | None, repeats: int = 5, fusion: bool | None = True) -> dict[str, Any]:
+    """Median / p90 engine latency (ms) of the short queries, cache and batching off
+    (``fusion``: with the bundle's word LM and memory when it has them)."""
     from edge.engine import Engine
 
-    engine = Engine.from_bundle(bundle, threads=threads, cache_size=0, batch_window_ms=0.0, max_batch=1)
+    engine = Engine.from_bundle(bundle, threads=threads, cache_size=0, batch_window_ms=0.0, max_batch=1,
+                                fusion=fusion is not False)
     try:
         for q in QUERIES[:3]:
             engine.predict(q)  # warm-up: first runs allocate

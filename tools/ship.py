@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DEST = REPO / "edge" / "default_bundle"
 FIGURES = ("cloze_top1", "cloze_top5", "chid_acc", "chid_acc_pmi", "n_cloze", "n_chid", "latency_ms_median",
-           "latency_ms_p90", "latency_threads")
+           "latency_ms_p90", "latency_threads", "everyday_top1", "everyday_top5", "n_everyday", "top1_sources",
+           "top1_not_model")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,14 +47,18 @@ def accuracy_block(evaluation: dict, bundle: Path) -> dict:
         raise ToolError("the evaluation file has no results")
     block: dict = {}
     for row in rows:
+        # A fused row (model + word LM + memory: what ships) is kept apart from the
+        # model-only rows of the same bundle.
         kind = "fp32" if (row.get("quantization") or "fp32") == "fp32" else "int8"
+        if row.get("fusion"):
+            kind = "fused"
         if kind in block:
             continue
         block[kind] = {k: row[k] for k in FIGURES if row.get(k) is not None}
         if row.get("chid_chance"):
             block["chid_chance"] = row["chid_chance"]
     if "int8" not in block:
-        raise ToolError("the evaluation file has no INT8 row (evaluate the bundle being shipped)")
+        raise ToolError("the evaluation file has no INT8 row of the model alone (evaluate the bundle being shipped)")
     first = Path(str(rows[0].get("bundle", "")))
     if first.resolve() != bundle.resolve():
         log.warning("the evaluation's first bundle is %s, not %s", first, bundle)
@@ -79,7 +84,11 @@ def run(args: argparse.Namespace) -> int:
     accuracy = accuracy_block(evaluation, args.bundle)
     if args.command:
         accuracy["command"] = args.command
-    manifest.evaluation = dict(manifest.evaluation or {}, accuracy=accuracy)
+    # Rows not measured again (e.g. the FP32 twin when only the INT8 bundle was
+    # evaluated) keep their earlier figures.
+    previous = (manifest.evaluation or {}).get("accuracy") or {}
+    kept = {k: v for k, v in previous.items() if k not in accuracy and k in ("fp32", "int8", "chid_chance")}
+    manifest.evaluation = dict(manifest.evaluation or {}, accuracy=dict(kept, **accuracy))
     training = dict(manifest.training or {})
     if args.hardware:
         training["hardware"] = args.hardware
@@ -93,7 +102,9 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         staged = Path(tmp) / "bundle"
         staged.mkdir()
-        for name in (MODEL_FILE, TOKENIZER_FILE):
+        # Every file the manifest lists: the model and tokenizer, and the word LM and
+        # phrase memory with their licenses when the bundle has them.
+        for name in dict.fromkeys([MODEL_FILE, TOKENIZER_FILE, *manifest.files]):
             shutil.copy2(args.bundle / name, staged / name)
         manifest.save(staged)
         load_bundle(staged)  # sizes + sha256 against the manifest, before replacing anything
@@ -101,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         if dest.exists():
             dest.rename(old)
         staged.rename(dest)
-    int8 = accuracy["int8"]
+    int8 = accuracy.get("fused", accuracy["int8"])
     log.info("shipped %s → %s: cloze top-1 %.1f%%, top-5 %.1f%%, ChID %s, %.1f MB", args.bundle, dest,
              100 * int8.get("cloze_top1", 0), 100 * int8.get("cloze_top5", 0),
              f"{100 * int8['chid_acc']:.1f}%" if "chid_acc" in int8 else "–",
