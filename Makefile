@@ -19,13 +19,14 @@ RANDOM_INIT ?=
 TEACHER ?= runs/wwm-4x128-mixed/checkpoint
 MINUTES ?= 12
 
-.PHONY: run test model default-model distill-compare presets venv venv-dev browser dist arm-check bench clean help
+.PHONY: run test model default-model default-fusion distill-compare presets venv venv-dev browser dist arm-check bench clean help
 
 help:
 	@echo "make run    - serve the embedded default model on http://$(HOST):$(PORT)/"
 	@echo "make test   - install everything and run the test suite"
 	@echo "make model SOURCE=<hub id|preset|folder> OUT=<dir> [VOCAB=n] [CORPUS=path] [RANDOM_INIT=1]"
 	@echo "make default-model [SHIP=1] - retrain the embedded default (seeded, eight phases, ~13.5 h on 2 cores)"
+	@echo "make default-fusion [SHIP=1] - word LM + phrase memory + fitted fusion weights for the default (~10 min)"
 	@echo "make distill-compare [TEACHER=ckpt] [MINUTES=n] - distilled vs scratch student vs teacher report"
 	@echo "make presets - hub checkpoints: shapes, FLOPs, latency measured here (random weights)"
 
@@ -67,6 +68,12 @@ model: $(VENV)/.dev-stamp
 # SHIP=1 installs it as edge/default_bundle).
 default-model: $(VENV)/.dev-stamp
 	SHIP=$(SHIP) tools/train_default.sh
+
+# The default's answer-time knowledge: word LM (../shared/data/lm), phrase memory of
+# chinese-poetry's training split, fusion weights fitted on development data; report in
+# runs/fused/eval/ (SHIP=1 installs it as edge/default_bundle).
+default-fusion: $(VENV)/.dev-stamp
+	SHIP=$(SHIP) tools/fuse_default.sh
 
 # TinyBERT-style distillation of a 2-layer student from TEACHER, against the same
 # student trained from scratch for the same MINUTES; report in runs/distill/report/.

@@ -145,3 +145,15 @@ class ArraysFile:
         """The raw bytes of the named array (for text blobs)."""
         array = self.array(name)
         return array.tobytes()
+
+
+def open_arrays(path: str | Path, expected_format: str, error: type[Exception]) -> ArraysFile:
+    """Open an arrays file whose ``meta["format"]`` must be ``expected_format``; any
+    problem is raised as ``error`` with a message naming the file."""
+    try:
+        file = ArraysFile(path)
+    except ArraysFileError as exc:
+        raise error(str(exc)) from exc
+    if file.meta.get("format") != expected_format:
+        raise error(f"{path}: format {file.meta.get('format')!r} is not {expected_format!r}")
+    return file

@@ -24,7 +24,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from edge.arrays_file import ArraysFile, ArraysFileError
+from edge.arrays_file import ArraysFile, ArraysFileError, open_arrays
 
 FORMAT = "fillmask-edge ngram lm 1"
 HAN_RE = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ebef]+")
@@ -49,14 +49,8 @@ class NgramLM:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        try:
-            self._file = file = ArraysFile(self.path)
-        except ArraysFileError as exc:
-            raise NgramLMError(str(exc)) from exc
-        meta = file.meta
-        if meta.get("format") != FORMAT:
-            raise NgramLMError(f"{self.path}: format {meta.get('format')!r} is not {FORMAT!r}")
-        self.meta = meta
+        self._file = file = open_arrays(self.path, FORMAT, NgramLMError)
+        meta = self.meta = file.meta
         self.order = int(meta.get("order", 0))
         if not 1 <= self.order <= 3:
             raise NgramLMError(f"{self.path}: order {self.order} is not supported (1-3)")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.arrays_file import ArraysFile, ArraysFileError
+from edge.arrays_file import ArraysFileError, open_arrays
 
 FORMAT = "fillmask-edge phrase memory 1"
 MAX_CONTEXT = 24  # characters of context used on each side
@@ -85,14 +85,8 @@ class PhraseMemory:
 
     def __init__(self, path: str | Path, max_occurrences: int = 256):
         self.path = Path(path)
-        try:
-            file = ArraysFile(self.path)
-        except ArraysFileError as exc:
-            raise PhraseMemoryError(str(exc)) from exc
-        meta = file.meta
-        if meta.get("format") != FORMAT:
-            raise PhraseMemoryError(f"{self.path}: format {meta.get('format')!r} is not {FORMAT!r}")
-        self.meta = meta
+        file = open_arrays(self.path, FORMAT, PhraseMemoryError)
+        meta = self.meta = file.meta
         try:
             self._text = file.view("text_utf16be")
             self._sa = file.view("sa")

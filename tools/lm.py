@@ -39,6 +39,7 @@ from typing import IO, Iterator
 import numpy as np
 
 from tools import ToolError
+from tools.knowledge_args import add_output_arguments, check_bundle_folder, open_bundle_file
 
 log = logging.getLogger(__name__)
 
@@ -373,14 +374,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     conv = sub.add_parser("convert", help="ARPA → lm.bin (into a bundle: --bundle; or a file: --out)",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     conv.add_argument("--arpa", type=Path, default=DEFAULT_ARPA, help="ARPA file (plain or .tar.xz)")
-    where = conv.add_mutually_exclusive_group(required=True)
-    where.add_argument("--bundle", type=Path, help="bundle folder: writes lm.bin, lm.LICENSE, lm.README.md "
-                                                   "and lists them in its manifest")
-    where.add_argument("--out", type=Path, help="write only this lm.bin file")
-    conv.add_argument("--license", type=Path, default=None, help="license text (default: LICENSE* beside the ARPA)")
+    add_output_arguments(conv, LM_FILE, "model", "LICENSE* beside the ARPA", "LGPL-2.1-or-later")
     conv.add_argument("--readme", type=Path, default=None, help="provenance note (default: README* beside the ARPA)")
-    conv.add_argument("--license-id", default="", help="SPDX id recorded in the manifest, e.g. LGPL-2.1-or-later")
-    conv.add_argument("--provenance", default="", help="one line on where the model comes from")
     score = sub.add_parser("score", help="best segmentation of a text into LM words and its log10 probability")
     score.add_argument("--bundle", type=Path, default=None, help="bundle with lm.bin (default: the embedded one)")
     score.add_argument("text", nargs="+")
@@ -390,20 +385,14 @@ def run(args: argparse.Namespace) -> int:
     """Run ``lm convert`` or ``lm score``."""
     if args.lm_command == "convert":
         if args.bundle is not None:
-            if not (args.bundle / "manifest.json").is_file():
-                raise ToolError(f"{args.bundle}: not a bundle folder (no manifest.json)")
+            check_bundle_folder(args.bundle)
             add_lm_to_bundle(args.bundle, args.arpa, args.license, args.readme, args.license_id, args.provenance)
         else:
             convert(args.arpa, args.out, provenance=args.provenance, license_id=args.license_id)
         return 0
-    from edge.bundle import default_bundle_path
-    from edge.ngram_lm import NgramLM, NgramLMError
+    from edge.ngram_lm import NgramLM
 
-    folder = args.bundle or default_bundle_path()
-    try:
-        lm = NgramLM(folder / LM_FILE)
-    except NgramLMError as exc:
-        raise ToolError(str(exc)) from exc
+    lm = open_bundle_file(args.bundle, LM_FILE, NgramLM)
     for text in args.text:
         score, words = lm.best_segmentation(text)
         print(f"{score:.4f}\t{' '.join(words)}")

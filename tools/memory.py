@@ -37,6 +37,7 @@ from typing import Iterator
 import numpy as np
 
 from tools import ToolError
+from tools.knowledge_args import add_output_arguments, check_bundle_folder, open_bundle_file
 
 log = logging.getLogger(__name__)
 
@@ -324,13 +325,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build = sub.add_parser("build", help="corpus → memory.bin (into a bundle: --bundle; or a file: --out)",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     build.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="corpus folder (chinese-poetry JSON)")
-    where = build.add_mutually_exclusive_group(required=True)
-    where.add_argument("--bundle", type=Path, help="bundle folder: writes memory.bin + license + note, "
-                                                   "lists them in its manifest")
-    where.add_argument("--out", type=Path, help="write only this memory.bin file")
-    build.add_argument("--license", type=Path, default=None, help="license text (default: LICENSE* in the corpus)")
-    build.add_argument("--license-id", default="", help="SPDX id recorded in the manifest, e.g. MIT")
-    build.add_argument("--provenance", default="", help="one line on where the corpus comes from")
+    add_output_arguments(build, MEMORY_FILE, "corpus", "LICENSE* in the corpus", "MIT")
     build.add_argument("--test-fraction", type=float, default=0.02, help="held-apart share (as in pretrain)")
     look = sub.add_parser("lookup", help="fillers the memory has for a text with one [MASK] blank")
     look.add_argument("--bundle", type=Path, default=None, help="bundle with memory.bin (default: the embedded one)")
@@ -342,22 +337,16 @@ def run(args: argparse.Namespace) -> int:
     """Run ``memory build`` or ``memory lookup``."""
     if args.memory_command == "build":
         if args.bundle is not None:
-            if not (args.bundle / "manifest.json").is_file():
-                raise ToolError(f"{args.bundle}: not a bundle folder (no manifest.json)")
+            check_bundle_folder(args.bundle)
             add_memory_to_bundle(args.bundle, args.corpus, args.license, args.license_id, args.provenance,
                                  args.test_fraction)
         else:
             build_memory(args.corpus, args.out, args.test_fraction, args.provenance, args.license_id)
         return 0
     from edge.blanks import find_blanks
-    from edge.bundle import default_bundle_path
-    from edge.phrase_memory import PhraseMemory, PhraseMemoryError
+    from edge.phrase_memory import PhraseMemory
 
-    folder = args.bundle or default_bundle_path()
-    try:
-        memory = PhraseMemory(folder / MEMORY_FILE)
-    except PhraseMemoryError as exc:
-        raise ToolError(str(exc)) from exc
+    memory = open_bundle_file(args.bundle, MEMORY_FILE, PhraseMemory)
     segments, blanks = find_blanks(args.text)
     if len(blanks) != 1:
         raise ToolError("give a text with exactly one blank ([MASK], or several adjacent for a word)")
