@@ -39,7 +39,7 @@ from edge.batcher import DEFAULT_BUCKETS, MicroBatcher, Row
 from edge.blanks import find_blanks
 from edge.bundle import Bundle, BundleError, load_bundle
 from edge.cache import LRUCache
-from edge.fusion import MODEL_FLOOR, Candidate, Fusion
+from edge.fusion import LN10, MODEL_FLOOR, Candidate, Fusion
 from edge.manifest import ATTENTION_MASK, INPUT_IDS, MASK_POSITIONS
 from edge.memory import limit_malloc_retention
 from edge.ngram_lm import NgramLM, NgramLMError
@@ -58,7 +58,6 @@ OOV_LOGP = -20.0
 LM_FILE = "lm.bin"
 MEMORY_FILE = "memory.bin"
 SOURCE_ORDER = ("model", "lm", "memory")
-LN10 = math.log(10.0)
 # A memory hit is quoted under its answer when at least this much context matched
 # (shorter matches are common phrases, not a line the text comes from).
 MIN_QUOTE_CONTEXT = 4
@@ -329,34 +328,26 @@ class Engine:
         return ids, positions, True
 
     # -- search: the model alone -----------------------------------------------
-    def _beam(self, query, fills, index, length, beam_width, want_positions=False):
-        """Left-to-right beam search for blank ``index`` written with ``length`` masks.
-
-        Returns the beams; with ``want_positions`` also the log-probabilities at every
-        position of the all-masked blank ([length, vocab], from the first pass).
-        """
+    def _beam(self, query, fills, index, length, beam_width) -> list[tuple[tuple[int, ...], float]]:
+        """Left-to-right beam search for blank ``index`` written with ``length`` masks."""
         beams: list[tuple[tuple[int, ...], float]] = [((), 0.0)]
-        first = None
         for step in range(length):
             rows = []
             for prefix, _ in beams:
                 trial = list(fills)
                 trial[index] = prefix + (self.mask_id,) * (length - len(prefix))
                 ids, positions, _ = self._build(query, trial)
-                wanted = positions[index] if (step == 0 and want_positions) else [positions[index][step]]
-                rows.append(Row(ids, wanted))
+                rows.append(Row(ids, [positions[index][step]]))
             outputs = self.batcher.submit(rows)
-            if step == 0 and want_positions:
-                first = _log_softmax(outputs[0], self.invalid)
             pool = []
             for (prefix, score), logits in zip(beams, outputs):
-                logp = first[0] if (step == 0 and want_positions) else _log_softmax(logits[0], self.invalid)
+                logp = _log_softmax(logits[0], self.invalid)
                 width = min(beam_width, int((~self.invalid).sum()))
                 best = np.argpartition(-logp, width - 1)[:width]
                 pool.extend((prefix + (int(t),), score + float(logp[t])) for t in best)
             pool.sort(key=lambda item: -item[1])
             beams = pool[:beam_width]
-        return (beams, first) if want_positions else beams
+        return beams
 
     def _answer_blank(self, query, fills, index, top_k) -> list[tuple[tuple[int, ...], float, float]]:
         """Candidates for one blank: (tokens, joint log-prob, ranking score)."""
@@ -432,7 +423,7 @@ class Engine:
         that is exactly its probability): measured on development blanks of 2-4
         characters and ChID as good as the chain rule (word cloze top-1 8.3 vs 8.7%,
         ChID 30.2 vs 28.2%, 2-fold cross-validated), for one pass instead of one per
-        prefix. A short beam search still proposes the model's own words.
+        prefix. The best combinations of those distributions propose the model's own words.
         """
         fusion = self.fusion
         limits = fusion.limits
@@ -510,7 +501,7 @@ class Engine:
             for hit in hits[n]:
                 add(hit.filler, "memory").memory = hit
             for c in found.values():
-                c.model = c.independent = independent(c.text)
+                c.model = independent(c.text)
             pool.extend(found.values())
         texts = [c.text for c in pool]
         for c, score, ngram in zip(pool, fusion.lm_scores(left, right, texts, scorer),
@@ -618,11 +609,8 @@ class Engine:
         probability among the given fillers (the same features and weights as
         ``predict``, normalised over the fillers).
         """
-        if not (fusion and self.fusion is not None and self.config.fusion):
+        if not fillers or not (fusion and self.fusion is not None and self.config.fusion):
             return self._model_filler_scores(text, fillers)[1]
-        if not fillers:
-            find_blanks(text)
-            return []
         return [math.log(max(c.probability, 1e-300)) for c in self.given_candidates(text, fillers)]
 
     def given_candidates(self, text: str, fillers: list[str]) -> list[Candidate]:

@@ -2,21 +2,24 @@
 
 For one blank of ``n`` characters the engine collects candidates from three sources:
 
-- ``model``: the masked-LM's best fillers (top-N characters; beam search for words);
-- ``lm``: fillers that make LM words with their neighbours (地+上 = 地上, 公+园 = 公园,
-  found by prefix / suffix search in the LM's sorted vocabulary), and for a blank of
-  2+ characters the LM words of that length that the model's per-position
-  distributions rank highest (idioms and words "that fit");
+- ``model``: the masked-LM's best fillers (top-N characters; for a longer blank the
+  best combinations of its per-position distributions, blank all masked);
+- ``lm``: fillers that make LM words of up to 4 characters with their neighbours
+  (地+上 = 地上, 公+园 = 公园; numpy tables of the LM's words by character), and for a
+  blank of 2+ characters the LM words of that length that the model's per-position
+  distributions rank highest and those the LM has after the previous word;
 - ``memory``: fillers seen in the training corpus with the longest matching context.
 
-Each candidate gets features — the model's joint log-probability, the LM's
-log-probability of the window with the filler in it (best segmentation, both sides of
-the blank, :class:`edge.ngram_lm.FillerScorer`), how much context the memory matched
-for it and whether that is the best match of the blank, and for ``blank_length:
-"auto"`` its length — and a score ``w · f``. ``score`` in the answer is the softmax of
-those scores over the candidates and one "none of these" outcome with a fitted
-constant score, so that it stays a probability when the right answer was not among
-the candidates (and ``low_confidence`` keeps its meaning). The weights are fitted by
+Each candidate gets features (:data:`FEATURES`) — the model's log-probability, the
+LM's log-probability of the window with the filler in it (best segmentation, both
+sides of the blank, :class:`edge.ngram_lm.FillerScorer`; relative to the blank's best,
+floored), how much context the memory matched and whether that is the blank's best
+match (by length bucket), the memory's character n-gram probability, each of those
+times the register ``z`` of the context, and for ``blank_length: "auto"`` the length —
+and a score ``w · f``. ``score`` in the answer is the softmax of those scores over the
+candidates and one "none of these" outcome with a fitted score, so that it stays a
+probability when the right answer was not among the candidates (and
+``low_confidence`` keeps its meaning). The weights are fitted by
 ``python -m tools fusion fit`` (maximum likelihood on development data) and stored in
 the manifest; :data:`DEFAULT_SETTINGS` is only the starting point for bundles that
 carry an LM or a memory but no fitted weights.
@@ -42,7 +45,6 @@ FEATURES = ("model", "lm", "mem_context", "mem_best", "mem_best5", "mem_best7", 
 # characters of context matched, 61% with 5-6, ~80% with 7-10 and every time with 13+).
 MEM_BEST_BUCKETS = ((3, "mem_best"), (5, "mem_best5"), (7, "mem_best7"), (11, "mem_best11"))
 NULL_FEATURES = ("null", "null_z")
-KINDS = ("char", "word", "auto")  # one-character blank, longer blank, blank_length "auto"
 MEM_CONTEXT_CAP = 16  # characters of matched context beyond which a memory hit counts no more
 # The LM feature is ln p(window) relative to the blank's best candidate, floored here:
 # a filler the LM finds 12 nats (e^-12) worse than the best is "very unlikely" however
@@ -77,11 +79,10 @@ class Candidate:
 
     text: str
     sources: set = field(default_factory=set)
-    model: float | None = None  # ln p under the masked-LM (joint for several characters)
+    model: float | None = None  # the masked-LM's ln p: the sum over positions, blank all masked
     lm: float | None = None  # ln p of the window with this filler under the word LM
     memory: MemoryHit | None = None
     mem_ngram: float | None = None  # ln p under the memory's character n-gram model (both sides)
-    independent: float | None = None  # sum of the model's per-position ln p, blank all masked
     score: float = 0.0  # w · f
     probability: float = 0.0
     z: float = 0.0  # the register of the blank's context (see Fusion.register)
@@ -195,8 +196,12 @@ class Fusion:
             book = np.asarray(book)
             all_codes = np.frombuffer(codes, dtype=np.uint8)
             tables = {}
-            for k in (2, 3, 4):
-                ids = np.array([i for i, w in enumerate(lm.words) if len(w) == k and is_han(w)], dtype=np.int64)
+            by_length: dict[int, list[int]] = {2: [], 3: [], 4: []}
+            for i, w in enumerate(lm.words):  # one pass over the vocabulary
+                if len(w) in by_length and is_han(w):
+                    by_length[len(w)].append(i)
+            for k, indices in by_length.items():
+                ids = np.array(indices, dtype=np.int64)
                 joined = "".join(lm.words[i] for i in ids.tolist()).encode("utf-32-le")
                 chars = np.frombuffer(joined, dtype=np.uint32).astype(np.int32).reshape(-1, k)
                 prior = book[all_codes[ids]]

@@ -28,6 +28,7 @@ from edge.arrays_file import ArraysFile, ArraysFileError, open_arrays
 
 FORMAT = "fillmask-edge ngram lm 1"
 HAN_RE = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ebef]+")
+HAN_END_RE = re.compile(HAN_RE.pattern + "$")
 HAN_CHAR_RE = re.compile(r"^[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ebef]+$")
 # Words longer than this are not tried when segmenting (the model has a handful of
 # 9-13 character entries; checking them at every position would cost for nothing).
@@ -342,12 +343,5 @@ class FillerScorer:
 def han_context(left_text: str, right_text: str, chars: int = 8) -> tuple[str, str]:
     """The Han run ending ``left_text`` and the one starting ``right_text`` (at most
     ``chars`` characters each): the part of the context the LM scores with a blank."""
-    left = ""
-    match = re.search(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ebef]+$", left_text)
-    if match:
-        left = match.group()[-chars:]
-    right = ""
-    match = HAN_RE.match(right_text)
-    if match:
-        right = match.group()[:chars]
-    return left, right
+    left, right = HAN_END_RE.search(left_text), HAN_RE.match(right_text)
+    return (left.group()[-chars:] if left else ""), (right.group()[:chars] if right else "")

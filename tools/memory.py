@@ -119,20 +119,9 @@ def works_of_record(record, inherited: Work, depth: int = 0) -> Iterator[Work]:
             yield from works_of_record(value, below, depth + 1)
 
 
-PUNCT = str.maketrans({",": "，", ".": "。", "?": "？", "!": "！", ";": "；", ":": "：", "(": "（", ")": "）",
-                       " ": None, "\u3000": None, "\t": None, "\r": None, "\n": None})
-
-
-def normalize(text: str) -> str:
-    """The memory's spelling of a text: full-width punctuation, no spaces, characters
-    outside the Basic Multilingual Plane as □ (the index is over UTF-16 code units)."""
-    from edge.phrase_memory import normalize_query
-
-    return normalize_query(text)
-
-
 def read_works(corpus: Path, test_fraction: float = 0.02) -> tuple[list[Work], dict]:
     """Works of the training split of ``corpus``, simplified; and counts."""
+    from edge.phrase_memory import normalize_query
     from tools.corpus import CJK_RE, _records_of_json_file, corpus_files, is_test_document, record_text, \
         to_simplified
 
@@ -162,7 +151,7 @@ def read_works(corpus: Path, test_fraction: float = 0.02) -> tuple[list[Work], d
             stats["documents"] += 1
             base = Work(title="", author="", dynasty=dynasty, collection=to_simplified(folder))
             for work in works_of_record(record, base):
-                paragraphs = [normalize(to_simplified(p)) for p in work.paragraphs]
+                paragraphs = [normalize_query(to_simplified(p)) for p in work.paragraphs]
                 paragraphs = [p for p in paragraphs if CJK_RE.search(p)]
                 if paragraphs:
                     works.append(Work(title=to_simplified(work.title), author=to_simplified(work.author),
