@@ -13,7 +13,12 @@ Routes:
   answers from the model alone, without the bundle's word LM and phrase memory).
 - ``GET /api/info``: the model summary, with a loud ``warning`` when ``random_init``.
 - ``GET /healthz``: liveness.
-- ``GET /metrics``: Prometheus text format (requests, errors, latency, engine counters).
+- ``GET /metrics``: Prometheus text format (requests, errors, latency, engine counters,
+  the admission queue).
+
+Predict requests pass an admission gate (:mod:`edge.admission`): past ``MAX_ACTIVE``
+in the engine and ``MAX_WAITING`` waiting (each at most ``MAX_WAIT_MS``), a request is
+answered ``503`` with ``Retry-After`` at once instead of queueing without bound.
 
 Every error is JSON ``{"error": code, "message": what to do}``; the server keeps
 serving after any of them. When ``API_TOKEN`` is set (config, or the environment
@@ -34,6 +39,7 @@ from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from edge import __version__
+from edge.admission import AdmissionGate, AdmissionLimits, Overloaded
 from edge.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from edge.metrics import Metrics
 
@@ -42,6 +48,7 @@ log = logging.getLogger(__name__)
 TOKEN_ENV = "FILLMASK_API_TOKEN"
 ENGINE_KEY = "fillmask_engine"
 METRICS_KEY = "fillmask_metrics"
+ADMISSION_KEY = "fillmask_admission"
 
 DEFAULT_CONFIG: dict[str, Any] = {
     # A sentence is a few hundred bytes; 16 KiB leaves room and stops abuse early.
@@ -54,6 +61,11 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "BUNDLE": None,
     "ENGINE_OPTIONS": {},
     "JSON_AS_ASCII": False,
+    # Admission of predict requests (edge/admission.py): in the engine at once, waiting
+    # beyond those, and how long one waits before it gets 503 + Retry-After.
+    "MAX_ACTIVE": 2,
+    "MAX_WAITING": 8,
+    "MAX_WAIT_MS": 250.0,
 }
 
 RANDOM_INIT_WARNING = (
@@ -63,7 +75,11 @@ RANDOM_INIT_WARNING = (
 
 # Codes of the engine's InputError that this app expects; any other code the engine
 # may add later is passed through as a 400 as well.
-ENGINE_INPUT_CODES = {"empty_text", "no_blank", "too_many_blanks", "text_too_long", "bad_top_k", "bad_blank_length"}
+ENGINE_INPUT_CODES = {"empty_text", "no_blank", "too_many_blanks", "text_too_long", "bad_top_k", "bad_blank_length",
+                      "too_much_work", "deadline_exceeded"}
+# A request that ran past its deadline may well pass when the board is less busy: 503
+# with Retry-After, like a refused one. Every other engine refusal is the request's: 400.
+ENGINE_RETRY_CODES = {"deadline_exceeded"}
 
 # Content-Security-Policy: the page must work offline, so nothing may be loaded
 # from anywhere but this server (the kiosk page keeps its CSS/JS inline).
@@ -122,6 +138,9 @@ def create_app(engine: Any = None, config: dict[str, Any] | None = None) -> Flas
     app.extensions[ENGINE_KEY] = engine
     metrics = Metrics()
     app.extensions[METRICS_KEY] = metrics
+    gate = AdmissionGate(AdmissionLimits(int(app.config["MAX_ACTIVE"]), int(app.config["MAX_WAITING"]),
+                                         float(app.config["MAX_WAIT_MS"])))
+    app.extensions[ADMISSION_KEY] = gate
 
     model_info = _model_summary(engine)
     if model_info.get("random_init"):
@@ -226,12 +245,26 @@ def create_app(engine: Any = None, config: dict[str, Any] | None = None) -> Flas
             # ``fusion`` is passed only when the client turned it off, so an engine
             # without the option (a fake, an older one) still serves the default.
             options = {} if fusion else {"fusion": False}
-            result = engine.predict(text, top_k=top_k, blank_length=blank_length, **options)
+            with gate.admit():
+                result = engine.predict(text, top_k=top_k, blank_length=blank_length, **options)
+        except Overloaded as exc:
+            response = error_response(
+                "overloaded",
+                f"服务繁忙，请 {exc.retry_after} 秒后重试。"
+                f" / The service is busy ({exc.reason.replace('_', ' ')}): retry in {exc.retry_after} s.",
+                503,
+            )
+            response.headers["Retry-After"] = str(exc.retry_after)
+            return response
         except Exception as exc:  # noqa: BLE001 - input errors become 400, the rest 500
             if is_engine_input_error(exc):
                 code = exc.code  # type: ignore[attr-defined]
                 if code not in ENGINE_INPUT_CODES:
                     log.debug("engine input error code %r not in the known list", code)
+                if code in ENGINE_RETRY_CODES:
+                    response = error_response(code, str(exc), 503)
+                    response.headers["Retry-After"] = "1"
+                    return response
                 raise ApiError(code, str(exc), 400) from exc
             raise
         return jsonify(result)
@@ -244,7 +277,7 @@ def create_app(engine: Any = None, config: dict[str, Any] | None = None) -> Flas
         except Exception:  # noqa: BLE001 - a broken engine must not hide the HTTP metrics
             log.exception("engine.stats() failed")
             stats = None
-        text = metrics.render(stats, model_info)
+        text = metrics.render(stats, model_info, gate.stats())
         return Response(text, content_type=METRICS_CONTENT_TYPE)
 
     return app

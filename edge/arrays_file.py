@@ -141,6 +141,10 @@ class ArraysFile:
         count = int(np.prod(entry["shape"], dtype=np.int64))
         return self._mm, int(entry["offset"]), count * np.dtype(entry["dtype"]).itemsize
 
+    def close(self) -> None:
+        """Unmap the file (arrays taken from it must be copies by now)."""
+        self._mm.close()
+
     def bytes_of(self, name: str) -> bytes:
         """The raw bytes of the named array (for text blobs)."""
         array = self.array(name)

@@ -53,7 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 to serve the LAN")
     serve.add_argument("--port", type=int, default=8000, help="TCP port")
     serve.add_argument(
-        "--http-threads", type=positive_int, default=4, help="waitress worker threads (concurrent HTTP requests)"
+        "--http-threads", type=positive_int, default=None,
+        help="waitress worker threads; None: max-active + max-waiting + 4, so that a request past the "
+        "admission limits is refused at once rather than queued for a thread",
+    )
+    serve.add_argument("--max-active", type=positive_int, default=2, help="predict requests in the engine at once")
+    serve.add_argument(
+        "--max-waiting", type=non_negative_int, default=8,
+        help="predict requests waiting for the engine beyond those; more get 503 + Retry-After at once",
+    )
+    serve.add_argument(
+        "--max-wait-ms", type=non_negative_float, default=250.0,
+        help="a waiting predict request gets 503 + Retry-After after this long",
     )
     serve.add_argument(
         "--token",
@@ -130,6 +141,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-batch", type=positive_int, default=16, help="most rows (sequences) per model run")
     group.add_argument("--cache-size", type=int, default=1024, help="LRU cache entries (0 disables the cache)")
     group.add_argument(
+        "--max-request-rows", type=positive_int, default=400,
+        help="most model rows (sequences) one request may run; past it the request is refused (too_much_work)",
+    )
+    group.add_argument(
+        "--request-timeout", type=positive_float, default=5.0,
+        help="seconds one request may work; past it the request is refused (deadline_exceeded)",
+    )
+    group.add_argument(
         "--no-fusion", action="store_true",
         help="answer from the model alone, ignoring the bundle's word LM and phrase memory (for comparison)",
     )
@@ -140,6 +159,30 @@ def positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def non_negative_int(value: str) -> int:
+    """argparse type: an integer >= 0."""
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {number}")
+    return number
+
+
+def positive_float(value: str) -> float:
+    """argparse type: a finite number > 0."""
+    number = float(value)
+    if not 0 < number < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {value}")
+    return number
+
+
+def non_negative_float(value: str) -> float:
+    """argparse type: a finite number >= 0."""
+    number = float(value)
+    if not 0 <= number < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {value}")
     return number
 
 
@@ -172,6 +215,8 @@ def load_engine(args: argparse.Namespace) -> Any:
         max_batch=args.max_batch,
         cache_size=args.cache_size,
         fusion=not args.no_fusion,
+        max_request_rows=args.max_request_rows,
+        request_timeout_s=args.request_timeout,
     )
 
 
@@ -193,7 +238,13 @@ def run_serve(args: argparse.Namespace, engine: Any) -> int:
     from edge.server import serve
 
     token = args.token or os.environ.get(TOKEN_ENV) or None
-    app = create_app(engine=engine, config={"API_TOKEN": token, "MAX_CONTENT_LENGTH": args.max_body})
+    app = create_app(engine=engine, config={
+        "API_TOKEN": token, "MAX_CONTENT_LENGTH": args.max_body,
+        "MAX_ACTIVE": args.max_active, "MAX_WAITING": args.max_waiting, "MAX_WAIT_MS": args.max_wait_ms})
+    http_threads = args.http_threads or args.max_active + args.max_waiting + 4
+    if http_threads <= args.max_active + args.max_waiting:
+        log.warning("--http-threads %d <= max-active + max-waiting: requests past the limits queue for a "
+                    "thread instead of getting 503 at once", http_threads)
     if token:
         log.info("API token required on /api/*")
     terminals: list[Any] = []
@@ -212,7 +263,7 @@ def run_serve(args: argparse.Namespace, engine: Any) -> int:
         app,
         host=args.host,
         port=args.port,
-        threads=args.http_threads,
+        threads=http_threads,
         engine=engine,
         on_ready=start_serial_front_end,
         on_shutdown=stop_serial_front_end,

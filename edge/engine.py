@@ -18,6 +18,7 @@ batches; an LRU cache answers repeated queries.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -77,6 +78,31 @@ class InputError(ValueError):
         self.message = message
 
 
+class _Budget:
+    """What one request may still spend: model rows, and time until its deadline."""
+
+    def __init__(self, rows: int, seconds: float):
+        self.rows_left = rows
+        self.rows_limit = rows
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds
+
+    def spend(self, rows: int) -> None:
+        """Account for ``rows`` about to run; InputError when over either bound."""
+        if rows > self.rows_left:
+            raise InputError(
+                "too_much_work",
+                f"这个请求需要超过 {self.rows_limit} 次模型运算：请减少空格数、top_k，或不用 \"auto\"。"
+                f" / This request needs more than {self.rows_limit} model rows: use fewer blanks, a smaller "
+                "top_k, or a fixed blank_length instead of \"auto\".")
+        if time.monotonic() > self.deadline:
+            raise InputError(
+                "deadline_exceeded",
+                f"这个请求超过了 {self.seconds:g} 秒的时限：请简化后重试。"
+                f" / This request ran past its {self.seconds:g} s deadline: simplify it and retry.")
+        self.rows_left -= rows
+
+
 @dataclass
 class EngineConfig:
     """Runtime settings (all have defaults suited to a 4-core board)."""
@@ -96,6 +122,11 @@ class EngineConfig:
     memory_arena: bool = False  # ORT's CPU arena: no faster here, ~45 MB more resident (bert-base)
     fusion: bool = True  # use the bundle's word LM and phrase memory when it has them
     buckets: Sequence[int] = field(default=DEFAULT_BUCKETS)
+    # Bounds on one request's work: model rows (sequences run) and wall time. Without
+    # them 8 "auto" blanks with top_k 20 ran 1,950 rows (5.7 s on the default model, ~15x
+    # that on bert-base) while everyone else waited. Checked before each model run.
+    max_request_rows: int = 400
+    request_timeout_s: float = 5.0
 
 
 @dataclass
@@ -179,6 +210,7 @@ class Engine:
         )
         self._closed = False
         self._lock = threading.Lock()
+        self._local = threading.local()  # the request budget of the calling thread
         if self.manifest.random_init:
             log.warning("%s: %s", bundle.path, RANDOM_INIT_WARNING)
         log.info(
@@ -338,7 +370,7 @@ class Engine:
                 trial[index] = prefix + (self.mask_id,) * (length - len(prefix))
                 ids, positions, _ = self._build(query, trial)
                 rows.append(Row(ids, [positions[index][step]]))
-            outputs = self.batcher.submit(rows)
+            outputs = self._run_rows(rows)
             pool = []
             for (prefix, score), logits in zip(beams, outputs):
                 logp = _log_softmax(logits[0], self.invalid)
@@ -367,7 +399,7 @@ class Engine:
         if single:
             # Every blank one character: one pass answers them all.
             ids, positions, _ = self._build(query, masked)
-            logits = self.batcher.submit([Row(ids, [p[0] for p in positions])])[0]
+            logits = self._run_rows([Row(ids, [p[0] for p in positions])])[0]
             first = []
             for i in range(n):
                 logp = _log_softmax(logits[i], self.invalid)
@@ -439,7 +471,7 @@ class Engine:
             trial[index] = (self.mask_id,) * n
             ids, positions, _ = self._build(query, trial)
             rows.append(Row(ids, positions[index]))
-        pending = self.batcher.submit_async(rows)
+        pending = self._submit(rows)
         scorer = fusion.scorer(left, right)
         z = fusion.register(left_text, right_text)
         neighbours = {n: fusion.words_with_neighbours(left, right, n) for n in lengths}
@@ -488,7 +520,7 @@ class Engine:
                     for _, _, h1 in scorer.left_states(1):
                         guesses += fusion.words_following(h1, n, position_logp, int(limits["word_lm"]))
                 for word in guesses:
-                    proposals.setdefault(word, fusion.lm.logp(-1, -1, fusion.lm.ids[word]))
+                    proposals.setdefault(word, fusion.lm.logp(-1, -1, fusion.lm.word_id(word)))
             # (None from the model: it cannot write the filler, which may still be right.)
             texts = list(proposals)
             values = [independent(t) for t in texts] if n > 1 else \
@@ -504,9 +536,8 @@ class Engine:
                 c.model = independent(c.text)
             pool.extend(found.values())
         texts = [c.text for c in pool]
-        for c, score, ngram in zip(pool, fusion.lm_scores(left, right, texts, scorer),
-                                   fusion.memory_ngram(left_text, right_text, texts)):
-            c.lm, c.mem_ngram = score, ngram
+        for c, score in zip(pool, fusion.lm_scores(left, right, texts, scorer)):
+            c.lm = score
         return fusion.rank(pool, fusion.kind(lengths[0], auto), z=z)
 
     def _solve_fused(self, query: _Query) -> list[list[Candidate]]:
@@ -535,6 +566,33 @@ class Engine:
         ``fusion=False`` answers from the model alone even when the bundle has a word
         LM or a phrase memory (for comparison).
         """
+        with self._request_budget():
+            return self._predict(text, top_k, blank_length, fusion)
+
+    @contextlib.contextmanager
+    def _request_budget(self):
+        """The row and time budget of one public call (nested calls share the outer one)."""
+        if getattr(self._local, "budget", None) is not None:
+            yield
+            return
+        self._local.budget = _Budget(self.config.max_request_rows, self.config.request_timeout_s)
+        try:
+            yield
+        finally:
+            self._local.budget = None
+
+    def _submit(self, rows: list[Row]):
+        """Queue rows for the model within the request's budget (a future of their logits)."""
+        budget = getattr(self._local, "budget", None)
+        if budget is not None:
+            budget.spend(len(rows))
+        return self.batcher.submit_async(rows)
+
+    def _run_rows(self, rows: list[Row]) -> list[np.ndarray]:
+        """Run rows through the model within the request's budget."""
+        return self._submit(rows).result(timeout=60.0)
+
+    def _predict(self, text: str, top_k: int, blank_length: int | str | None, fusion: bool) -> dict:
         began = time.perf_counter()
         fused = bool(fusion) and self.fusion is not None and self.config.fusion
         # Only answered (valid) queries are cached, so a hit needs no parsing.
@@ -609,9 +667,10 @@ class Engine:
         probability among the given fillers (the same features and weights as
         ``predict``, normalised over the fillers).
         """
-        if not fillers or not (fusion and self.fusion is not None and self.config.fusion):
-            return self._model_filler_scores(text, fillers)[1]
-        return [math.log(max(c.probability, 1e-300)) for c in self.given_candidates(text, fillers)]
+        with self._request_budget():
+            if not fillers or not (fusion and self.fusion is not None and self.config.fusion):
+                return self._model_filler_scores(text, fillers)[1]
+            return [math.log(max(c.probability, 1e-300)) for c in self.given_candidates(text, fillers)]
 
     def given_candidates(self, text: str, fillers: list[str]) -> list[Candidate]:
         """The given fillers of the text's single blank as fused candidates, in the given
@@ -645,7 +704,7 @@ class Engine:
         for n in lengths:
             ids, positions, _ = self._build(query, [(self.mask_id,) * n])
             rows.append(Row(ids, positions[0]))
-        outputs = self.batcher.submit(rows)
+        outputs = self._run_rows(rows)
         for n, logits in zip(lengths, outputs):
             logp = _log_softmax(logits, self.invalid)
             for k, filler in enumerate(fillers):
@@ -677,7 +736,7 @@ class Engine:
                 ids, positions, _ = self._build(query, [fill])
                 rows.append(Row(ids, [positions[0][step]]))
             targets.append(tokens)
-        outputs = iter(self.batcher.submit(rows))
+        outputs = iter(self._run_rows(rows))
         scores = []
         for tokens in targets:
             total = 0.0
@@ -692,9 +751,8 @@ class Engine:
         fusion = self.fusion
         left, right = fusion.contexts(segments[0], segments[1])
         candidates = [Candidate(text=f, sources={"given"}, model=m) for f, m in zip(fillers, model_scores)]
-        for c, lm, ngram in zip(candidates, fusion.lm_scores(left, right, fillers),
-                                fusion.memory_ngram(segments[0], segments[1], fillers)):
-            c.lm, c.mem_ngram = lm, ngram
+        for c, lm in zip(candidates, fusion.lm_scores(left, right, fillers)):
+            c.lm = lm
         hits: dict[tuple[int, str], object] = {}
         for n in sorted({len(f) for f in fillers}):
             for hit in fusion.memory_hits(segments[0], n, segments[1]):
@@ -702,7 +760,7 @@ class Engine:
         for c in candidates:
             c.memory = hits.get((len(c.text), c.text))
         lengths = {len(f) for f in fillers}
-        kind = fusion.kind(lengths.pop() if len(lengths) == 1 else 2, auto=False)
+        kind = fusion.given_kind(lengths.pop() if len(lengths) == 1 else 2)
         fusion.rank(candidates, kind, null=False, z=fusion.register(segments[0], segments[1]))
         return candidates
 

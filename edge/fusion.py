@@ -10,12 +10,15 @@ For one blank of ``n`` characters the engine collects candidates from three sour
   distributions rank highest and those the LM has after the previous word;
 - ``memory``: fillers seen in the training corpus with the longest matching context.
 
-Each candidate gets features (:data:`FEATURES`) — the model's log-probability, the
-LM's log-probability of the window with the filler in it (best segmentation, both
-sides of the blank, :class:`edge.ngram_lm.FillerScorer`; relative to the blank's best,
-floored), how much context the memory matched and whether that is the blank's best
-match (by length bucket), the memory's character n-gram probability, each of those
-times the register ``z`` of the context, and for ``blank_length: "auto"`` the length —
+Each candidate gets features (:data:`FEATURES`) — the model's log-probability (or,
+for a filler the model cannot write, an indicator of that), the LM's log-probability
+of the window with the filler in it (best segmentation, both sides of the blank,
+:class:`edge.ngram_lm.FillerScorer`; relative to the blank's best, floored), how much
+context the memory matched and whether that is the blank's best match (by length
+bucket) and what share of the query's context that is (a famous line typed whole
+matches all of it; a random passage's blank rarely does), each of those times the
+register ``z`` of the context, and for
+``blank_length: "auto"`` the length —
 and a score ``w · f``. ``score`` in the answer is the softmax of those scores over the
 candidates and one "none of these" outcome with a fitted score, so that it stays a
 probability when the right answer was not among the candidates (and
@@ -37,8 +40,8 @@ from edge.ngram_lm import FillerScorer, NgramLM, han_context, is_han
 from edge.phrase_memory import MemoryHit, PhraseMemory
 
 LN10 = math.log(10.0)
-FEATURES = ("model", "lm", "mem_context", "mem_best", "mem_best5", "mem_best7", "mem_best11", "mem_ngram",
-            "model_z", "lm_z", "mem_z", "mem_ngram_z", "len2", "len3", "len4")
+FEATURES = ("model", "lm", "mem_context", "mem_best", "mem_best5", "mem_best7", "mem_best11", "mem_cover",
+            "model_z", "lm_z", "mem_z", "model_oov", "len2", "len3", "len4")
 # The filler holding a blank's longest memory match gets one of these indicators by the
 # length of that match: how far to trust it is far from linear in the length (held-apart
 # development blanks: the memory's best filler was right 17% of the time with 3-4
@@ -52,7 +55,13 @@ MEM_CONTEXT_CAP = 16  # characters of matched context beyond which a memory hit 
 # the likelihood fit and it learns to ignore the LM (measured: weight 0.03, cloze top-1
 # 40.7% on 600 held-apart items, against 0.33 and 46.7% with it).
 LM_FLOOR = -12.0
-MODEL_FLOOR = -25.0  # ln p given by the model to a filler it cannot produce (outside its vocabulary)
+MODEL_FLOOR = -25.0  # the lowest ln p the model feature takes
+# A filler the model cannot write (a character outside its trimmed vocabulary: 逑 of
+# 君子好逑, many rare classical characters) gets model = 0 and the indicator model_oov = 1,
+# whose weight is fitted: a fixed floor instead (ln p = -25 times the model's weight)
+# ruled out such fillers even where the memory had them with the whole line matched.
+# A bundle fitted before this feature gets the old penalty as its default weight.
+OOV_DEFAULT_WEIGHT = -15.0
 # The register of a blank's context, z in [-1, 1]: how well the word LM knows it, from
 # its log10 probability per character (measured on the held-apart passages: modern
 # FewCLUE text -2.2 median, chinese-poetry -3.7; 5-95% ranges -2.9..-1.8 and
@@ -63,9 +72,12 @@ REGISTER_MIDPOINT, REGISTER_SCALE, REGISTER_CHARS = -2.95, 0.75, 16
 # Hand-set starting weights (ln-probability units); `tools fusion fit` replaces them.
 DEFAULT_SETTINGS: dict = {
     "weights": {
-        "char": {"model": 1.0, "lm": 0.4, "mem_context": 1.0, "lm_z": 0.3, "null": -3.0},
-        "word": {"model": 0.5, "lm": 0.4, "mem_context": 1.0, "lm_z": 0.3, "null": -3.0},
-        "auto": {"model": 0.5, "lm": 0.4, "mem_context": 1.0, "lm_z": 0.3, "null": -3.0},
+        "char": {"model": 1.0, "lm": 0.4, "mem_context": 1.0, "lm_z": 0.3, "model_oov": OOV_DEFAULT_WEIGHT,
+                 "null": -3.0},
+        "word": {"model": 0.5, "lm": 0.4, "mem_context": 1.0, "lm_z": 0.3, "model_oov": OOV_DEFAULT_WEIGHT,
+                 "null": -3.0},
+        "auto": {"model": 0.5, "lm": 0.4, "mem_context": 1.0, "lm_z": 0.3, "model_oov": OOV_DEFAULT_WEIGHT,
+                 "null": -3.0},
     },
     "candidates": {"model": 30, "lm": 16, "memory": 8, "word_model": 5, "word_lm": 40},
     "context_chars": 8,
@@ -82,7 +94,6 @@ class Candidate:
     model: float | None = None  # the masked-LM's ln p: the sum over positions, blank all masked
     lm: float | None = None  # ln p of the window with this filler under the word LM
     memory: MemoryHit | None = None
-    mem_ngram: float | None = None  # ln p under the memory's character n-gram model (both sides)
     score: float = 0.0  # w · f
     probability: float = 0.0
     z: float = 0.0  # the register of the blank's context (see Fusion.register)
@@ -129,6 +140,13 @@ class Fusion:
     def kind(n: int, auto: bool) -> str:
         """Which weight set a blank uses."""
         return "auto" if auto else ("char" if n == 1 else "word")
+
+    def given_kind(self, n: int) -> str:
+        """Which weight set scores a given list of fillers (``score_fillers``, ChID): its
+        own, fitted on ChID, where the bundle has one; else that of an open blank of ``n``
+        characters. Choosing among given idioms is another task than proposing
+        fillers: no "none of these", and the LM's word prior counts for more."""
+        return "given" if "given" in self._weights else self.kind(n, auto=False)
 
     # -- candidates from the LM vocabulary -----------------------------------
     def prepare_word_tables(self, char_to_token: dict[str, int], lengths: Iterable[int] = (2, 3, 4)) -> None:
@@ -195,15 +213,16 @@ class Fusion:
             codes, book = lm._up
             book = np.asarray(book)
             all_codes = np.frombuffer(codes, dtype=np.uint8)
+            units, starts, ends = lm.words.arrays()
+            lengths = ends - starts
             tables = {}
-            by_length: dict[int, list[int]] = {2: [], 3: [], 4: []}
-            for i, w in enumerate(lm.words):  # one pass over the vocabulary
-                if len(w) in by_length and is_han(w):
-                    by_length[len(w)].append(i)
-            for k, indices in by_length.items():
-                ids = np.array(indices, dtype=np.int64)
-                joined = "".join(lm.words[i] for i in ids.tolist()).encode("utf-32-le")
-                chars = np.frombuffer(joined, dtype=np.uint32).astype(np.int32).reshape(-1, k)
+            for k in (2, 3, 4):  # numpy over the whole vocabulary: no Python string per word
+                ids = np.flatnonzero(lengths == k)
+                chars = units[starts[ids][:, None] + np.arange(k)].astype(np.int32)
+                han = (((chars >= 0x3400) & (chars <= 0x4DBF)) | ((chars >= 0x4E00) & (chars <= 0x9FFF))
+                       | ((chars >= 0xF900) & (chars <= 0xFAFF)) | ((chars >= 0x20000) & (chars <= 0x2EBEF)))
+                keep = han.all(axis=1)
+                ids, chars = ids.astype(np.int64)[keep], np.ascontiguousarray(chars[keep])
                 prior = book[all_codes[ids]]
                 orders = [np.argsort(chars[:, j], kind="stable").astype(np.int32) for j in range(k)]
                 tables[k] = (chars, prior, orders, [chars[o, j] for j, o in enumerate(orders)], ids)
@@ -295,21 +314,6 @@ class Fusion:
             return 0.0
         return float(min(1.0, max(-1.0, (total / chars - REGISTER_MIDPOINT) / REGISTER_SCALE)))
 
-    def memory_ngram(self, left_text: str, right_text: str, fillers: Sequence[str]) -> list[float | None]:
-        """ln p of each filler under the memory's character n-gram model (None for a
-        filler it cannot score: not Han, or longer than 4)."""
-        if self.memory is None:
-            return [None] * len(fillers)
-        out: list[float | None] = [None] * len(fillers)
-        by_length: dict[int, list[int]] = {}
-        for k, f in enumerate(fillers):
-            if is_han(f) and len(f) <= 4 and all(ord(ch) < 0x10000 for ch in f):
-                by_length.setdefault(len(f), []).append(k)
-        for n, indices in by_length.items():
-            for k, value in zip(indices, self.memory.ngram_logp(left_text, right_text, [fillers[k] for k in indices])):
-                out[k] = value
-        return out
-
     def feature_matrix(self, candidates: Sequence[Candidate], z: float = 0.0) -> np.ndarray:
         """[candidates, features] in the order of :data:`FEATURES`; ``z``: the register."""
         best = max((c.memory.context for c in candidates if c.memory is not None), default=0)
@@ -317,17 +321,18 @@ class Fusion:
         rows = []
         for c in candidates:
             mem = c.memory.context if c.memory is not None else 0
-            model = MODEL_FLOOR if c.model is None else max(c.model, MODEL_FLOOR)
+            oov = c.model is None
+            model = 0.0 if oov else max(c.model, MODEL_FLOOR)
             lm = 0.0 if c.lm is None else max(c.lm - lm_best, LM_FLOOR)
             mem_context = min(mem, MEM_CONTEXT_CAP) / 4.0
-            ngram = 0.0 if c.mem_ngram is None else c.mem_ngram
             bucket = next((name for low, name in reversed(MEM_BEST_BUCKETS) if best >= low), None) \
                 if mem and mem == best else None
             rows.append([
                 model, lm, mem_context,
                 *(1.0 if bucket == name else 0.0 for _, name in MEM_BEST_BUCKETS),
-                ngram,
-                model * z, lm * z, mem_context * z, ngram * z,
+                0.0 if c.memory is None else c.memory.cover,
+                model * z, lm * z, mem_context * z,
+                1.0 if oov else 0.0,
                 1.0 if c.length == 2 else 0.0,
                 1.0 if c.length == 3 else 0.0,
                 1.0 if c.length == 4 else 0.0,

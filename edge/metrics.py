@@ -91,8 +91,10 @@ class Metrics:
                 "latency": {route: list(v) for route, v in self._latency.items()},
             }
 
-    def render(self, engine_stats: Mapping[str, Any] | None = None, model: Mapping[str, Any] | None = None) -> str:
-        """Return the whole exposition text, including engine counters and model info."""
+    def render(self, engine_stats: Mapping[str, Any] | None = None, model: Mapping[str, Any] | None = None,
+               admission: Mapping[str, Any] | None = None) -> str:
+        """Return the whole exposition text, including engine counters, the admission
+        queue (``AdmissionGate.stats()``) and model info."""
         snap = self.snapshot()
         lines: list[str] = []
 
@@ -127,6 +129,8 @@ class Metrics:
 
         if engine_stats:
             lines += render_engine_stats(engine_stats)
+        if admission:
+            lines += render_admission(admission)
         if model:
             lines += family(
                 f"{PREFIX}_model_info",
@@ -151,6 +155,29 @@ class Metrics:
             [sample(f"{PREFIX}_process_start_time_seconds", None, self.started)],
         )
         return "\n".join(lines) + "\n"
+
+
+def render_admission(stats: Mapping[str, Any]) -> list[str]:
+    """Render the admission queue's counters and gauges (see edge.admission)."""
+    lines: list[str] = []
+    for key, metric, kind, help_text in (
+        ("active", "admission_active", "gauge", "Predict requests in the engine now."),
+        ("waiting", "admission_queue_depth", "gauge", "Predict requests waiting for the engine now."),
+        ("admitted_total", "admission_admitted_total", "counter", "Predict requests let into the engine."),
+        ("wait_seconds_total", "admission_wait_seconds_total", "counter",
+         "Seconds admitted requests waited for the engine, summed."),
+        ("max_active", "admission_max_active", "gauge", "Limit: requests in the engine at once."),
+        ("max_waiting", "admission_max_waiting", "gauge", "Limit: requests waiting beyond those."),
+    ):
+        if key in stats:
+            name = f"{PREFIX}_{metric}"
+            lines += family(name, kind, help_text, [sample(name, None, stats[key])])
+    shed = stats.get("shed_total")
+    if isinstance(shed, Mapping):
+        name = f"{PREFIX}_admission_shed_total"
+        lines += family(name, "counter", "Predict requests refused with 503, by reason (queue_full, wait_budget).",
+                        [sample(name, {"reason": r}, int(n)) for r, n in sorted(shed.items())])
+    return lines
 
 
 def render_engine_stats(stats: Mapping[str, Any]) -> list[str]:

@@ -64,7 +64,8 @@ def test_version(capsys):
 def test_serve_defaults_and_help(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")  # no line wrapping inside "(default: ...)"
     args = cli.build_parser().parse_args(["serve"])
-    assert (args.host, args.port, args.http_threads, args.bundle, args.token) == ("127.0.0.1", 8000, 4, None, None)
+    assert (args.host, args.port, args.http_threads, args.bundle, args.token) == ("127.0.0.1", 8000, None, None, None)
+    assert (args.max_active, args.max_waiting, args.max_wait_ms) == (2, 8, 250.0)
     assert args.max_body == 16 * 1024 and args.serial is None
     with pytest.raises(SystemExit):
         cli.main(["serve", "--help"])

@@ -180,6 +180,21 @@ def test_a_corrupt_lm_or_memory_file_is_refused_naming_it(fused_bundle, tmp_path
             Engine.from_bundle(bad, threads=1)
 
 
+def test_a_filler_the_model_cannot_write_gets_an_indicator_not_a_floor():
+    """A character outside the model's vocabulary (逑 of 君子好逑) is not scored as if the
+    model gave it e^-25: its model feature is 0 and model_oov says why, with a fitted
+    weight; a bundle fitted without that weight keeps the old penalty."""
+    from edge.fusion import FEATURES, MODEL_FLOOR, OOV_DEFAULT_WEIGHT, Candidate, Fusion
+
+    fusion = Fusion(None, None)
+    rows = fusion.feature_matrix([Candidate("逑", model=None, lm=-3.0), Candidate("好", model=-30.0, lm=-1.0)])
+    oov, known = rows
+    assert oov[FEATURES.index("model")] == 0.0 and oov[FEATURES.index("model_oov")] == 1.0
+    assert known[FEATURES.index("model")] == MODEL_FLOOR and known[FEATURES.index("model_oov")] == 0.0
+    old_fit = Fusion(None, None, {"weights": {"char": {"model": 0.6, "lm": 0.3}}, "fitted": True})
+    assert old_fit.settings["weights"]["char"]["model_oov"] == OOV_DEFAULT_WEIGHT
+
+
 def test_fit_weights_recovers_a_decisive_feature():
     from edge.fusion import FEATURES
     from tools.fusion import FitItem, fit_weights

@@ -165,3 +165,38 @@ def test_a_corrupt_lm_file_is_refused_naming_it(tmp_path):
         with pytest.raises(NgramLMError) as info:
             NgramLM(path)
         assert str(path) in str(info.value)
+
+
+def test_the_vocabulary_finds_every_word_and_nothing_else(tiny_lm):
+    """The compact vocabulary (keys by binary search, no dict of words) gives each word
+    its rank as id, and the words at a position exactly as a dict of all words would."""
+    from edge.ngram_lm import NO_WORD
+
+    words = list(tiny_lm.words)
+    assert words == sorted(words) and len(words) == len(tiny_lm.words)
+    ids = {w: i for i, w in enumerate(words)}
+    for w, i in ids.items():
+        assert tiny_lm.words.index_of(w) == i and tiny_lm.words[i] == w and w in tiny_lm.words
+    chars = sorted({ch for w in words if w != "<unk>" for ch in w}) + ["鑫"]
+    rng = random.Random(1)
+    for _ in range(300):
+        text = "".join(rng.choice(chars) for _ in range(rng.randint(1, 9)))
+        assert tiny_lm.words.index_of(text) == ids.get(text, NO_WORD)
+        start = rng.randrange(len(text))
+        expected = [(e, ids[text[start:e]]) for e in range(start + 1, min(len(text), start + tiny_lm.max_word_chars) + 1)
+                    if text[start:e] in ids]
+        if not expected or expected[0][0] != start + 1:
+            expected.insert(0, (start + 1, tiny_lm.unk))
+        assert tiny_lm.words_at(text, start) == expected, (text, start)
+
+
+def test_the_default_lm_vocabulary_round_trips():
+    """Every one of the shipped LM's 165 k words (up to 13 characters) maps to its id."""
+    path = Path(__file__).resolve().parents[1] / "edge" / "default_bundle" / "lm.bin"
+    if not path.is_file():
+        pytest.skip("the default bundle carries no lm.bin")
+    lm = NgramLM(path)
+    words = lm.words
+    assert all(words.index_of(words[i]) == i for i in range(len(words)))
+    assert any(len(w) > 4 for w in words)  # the dict of long words is exercised too
+    assert words.index_of("疑是地") == -1 and lm.word_id("疑是地") == lm.unk

@@ -1,5 +1,6 @@
 """The exact phrase memory: built from the training split only, hits with their
-source, the character n-gram read off it, deterministic bytes, bad files refused."""
+source and how much of the query matched, read without mapping the file, deterministic
+bytes, bad files refused."""
 
 from __future__ import annotations
 
@@ -29,6 +30,10 @@ def test_a_famous_line_is_recalled_with_its_source(memory):
     assert (hits[0].left, hits[0].right) == (9, 2)  # all of the left context and 霜。 matched
     assert hits[0].source == {"text": "床前明月光，疑是地上霜。", "title": "静夜思", "author": "李白",
                               "dynasty": "唐", "collection": "全唐诗"}
+    assert hits[0].cover == 1.0  # the whole query is the line
+    # Context the corpus does not have around the line: only part of the query matched.
+    longer = memory.lookup("今天我读了：床前明月光，疑是地", 1, "霜。这首诗。")[0]
+    assert longer.filler == "上" and longer.context == 11 and longer.cover == pytest.approx(11 / 21)
     # A two-character blank, and a blank at the start (right context only).
     assert memory.lookup("举头望明月，低头思", 2, "。")[0].filler == "故乡"
     assert memory.lookup("", 1, "前明月光")[0].filler == "床"
@@ -37,17 +42,20 @@ def test_a_famous_line_is_recalled_with_its_source(memory):
     assert hit.filler == "说" and hit.source["title"] == "学而篇" and hit.source["collection"] == "论语"
 
 
+def test_lookups_read_the_file_without_mapping_it(memory):
+    """The memory is read with pread: after lookups no page of memory.bin is mapped
+    into the process (so it adds nothing to the service's resident memory)."""
+    memory.lookup("床前明月光，疑是地", 1, "霜。")
+    memory.lookup("举头望明月，低头思", 2, "。")
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("no /proc/self/maps on this system")
+    assert str(memory.path) not in maps.read_text()
+
+
 def test_unknown_contexts_give_no_hits(memory):
     assert memory.lookup("我在银行", 1, "钱。") == []
     assert memory.lookup("", 1, "") == []
-
-
-def test_the_character_ngram_prefers_what_the_corpus_has(memory):
-    scores = dict(zip("上下中", memory.ngram_logp("床前明月光，疑是地", "霜。", list("上下中"))))
-    assert scores["上"] > scores["下"] and scores["上"] > scores["中"]
-    # Never seen: the base (uniform) probability on both sides, the same for all.
-    unseen = memory.ngram_logp("我在银行", "钱。", ["存", "取"])
-    assert unseen[0] == pytest.approx(unseen[1])
 
 
 def test_held_apart_documents_are_not_in_the_memory(tmp_path):

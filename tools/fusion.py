@@ -8,8 +8,8 @@ the maximum-likelihood ones (a conditional logit: the log-likelihood is concave 
 ``w``, so Newton's method finds the one optimum; a small L2 term keeps it finite) on
 the development data of :mod:`tools.dev_sets` only — held-apart cloze passages that
 ``tools evaluate`` does not measure, ChID ``dev_few_all.json``, the 16 everyday
-sentences. One weight set per kind of blank: one character, a longer blank (ChID's
-idioms and masked words), ``blank_length: "auto"``.
+sentences. One weight set per kind of blank: one character, a longer blank (masked
+words), ``blank_length: "auto"``, and given fillers (``score_fillers``; ChID's idioms).
 
 Each development query goes through the engine itself (:meth:`Engine.fused_candidates`
 / :meth:`Engine.given_candidates`), so the features are exactly those the board
@@ -35,12 +35,13 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-_SHARED_FEATURES = ("model", "lm", "mem_context", "mem_best", "mem_best5", "mem_best7", "mem_best11", "mem_ngram",
-                    "model_z", "lm_z", "mem_z", "mem_ngram_z")
+_SHARED_FEATURES = ("model", "lm", "mem_context", "mem_best", "mem_best5", "mem_best7", "mem_best11", "mem_cover",
+                    "model_z", "lm_z", "mem_z", "model_oov")
 KIND_FEATURES = {
     "char": _SHARED_FEATURES,
     "word": _SHARED_FEATURES,
     "auto": _SHARED_FEATURES + ("len2", "len3", "len4"),
+    "given": _SHARED_FEATURES,
 }
 
 
@@ -164,9 +165,9 @@ def development_queries(data: Path, chid: Path | None, n_char: int, n_word: int,
     if chid is not None and Path(chid).is_file():
         from tools.evaluate import read_chid
 
-        sets["word"] += [ChoiceQuery(q.text, q.candidates, q.answer) for q in read_chid(chid)]
+        sets["given"] = [ChoiceQuery(q.text, q.candidates, q.answer) for q in read_chid(chid)]
     else:
-        log.warning("%s not found: the word weights are fitted without ChID", chid)
+        log.warning("%s not found: no weights for given fillers (score_fillers uses the word weights)", chid)
     return sets
 
 
