@@ -2,7 +2,9 @@
 
 Callers submit *rows* (a token-id sequence and the positions whose logits they
 want) and block until their logits come back. The worker takes the first waiting
-request, waits up to ``window_ms`` for more, pads them into one batch (sequence
+request, waits up to ``window_ms`` for more (only while ``busy()`` says other callers
+are at work and may submit soon: a query alone does not wait for company that is not
+coming, which cost every single HTTP query the whole window), pads them into one batch (sequence
 length rounded up to a bucket, so the session sees few distinct shapes and its
 memory arena stops growing) and runs the session once. A row's result does not
 depend on which other rows share its batch: padding is masked out by the
@@ -81,6 +83,7 @@ class MicroBatcher:
         max_rows: int = 16,
         buckets: Sequence[int] = DEFAULT_BUCKETS,
         on_thread_start: Callable[[], None] | None = None,
+        busy: Callable[[], bool] | None = None,
     ):
         if window_ms < 0:
             raise ValueError(f"batch window must be >= 0 ms, got {window_ms}")
@@ -92,6 +95,7 @@ class MicroBatcher:
         self.max_rows = max_rows
         self.buckets = tuple(buckets)
         self._on_thread_start = on_thread_start
+        self._busy = busy
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._lock = threading.Lock()
         self.batches_total = 0
@@ -135,7 +139,8 @@ class MicroBatcher:
         """Gather requests arriving within the window after ``first``."""
         batch = [first]
         rows = len(first.rows)
-        deadline = time.monotonic() + self.window_s
+        wait = self.window_s if self._busy is None or self._busy() else 0.0
+        deadline = time.monotonic() + wait
         stop = False
         while rows < self.max_rows:
             remaining = deadline - time.monotonic()

@@ -200,6 +200,7 @@ class Engine:
         limit_malloc_retention()  # before ONNX Runtime parses the model (see edge/memory.py)
         self.session = self._make_session()
         self.cache = LRUCache(cfg.cache_size)
+        self._in_flight = 0  # public calls at work now (the batcher waits for company only if > 1)
         self.batcher = MicroBatcher(
             self._run_session,
             pad_id=self.pad_id,
@@ -207,6 +208,7 @@ class Engine:
             max_rows=cfg.max_batch,
             buckets=[b for b in cfg.buckets if b <= self.window] + [self.window],
             on_thread_start=self._pin_worker,
+            busy=lambda: self._in_flight > 1,
         )
         self._closed = False
         self._lock = threading.Lock()
@@ -576,10 +578,14 @@ class Engine:
             yield
             return
         self._local.budget = _Budget(self.config.max_request_rows, self.config.request_timeout_s)
+        with self._lock:
+            self._in_flight += 1
         try:
             yield
         finally:
             self._local.budget = None
+            with self._lock:
+                self._in_flight -= 1
 
     def _submit(self, rows: list[Row]):
         """Queue rows for the model within the request's budget (a future of their logits)."""

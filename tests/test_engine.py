@@ -312,3 +312,19 @@ def test_packaged_bundles_load_by_name():
     assert not bundle.manifest.random_init and bundle.manifest.training["teacher"]
     with pytest.raises(BundleError, match="does not exist"):
         load_bundle("no-such-bundle")
+
+
+def test_a_lone_query_does_not_wait_the_batch_window(tiny_fp32_bundle_dir):
+    """The batcher waits for company only while another call is at work in the engine:
+    with a 5 s window a query alone is still answered at once (it used to wait the
+    whole window, which every single HTTP query paid)."""
+    import time
+
+    eng = Engine.from_bundle(tiny_fp32_bundle_dir, threads=1, batch_window_ms=5000.0, cache_size=0)
+    try:
+        started = time.monotonic()
+        eng.predict("今天天气很[MASK]。")
+        assert time.monotonic() - started < 4.0
+        assert eng.batcher._busy() is False  # nothing else in flight now
+    finally:
+        eng.close()
