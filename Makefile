@@ -67,18 +67,18 @@ model: $(VENV)/.dev-stamp
 # The embedded default model, reproduced from the repo (pretrain → bundles → report;
 # SHIP=1 installs it as edge/default_bundle).
 default-model: $(VENV)/.dev-stamp
-	SHIP=$(SHIP) tools/train_default.sh
+	SHIP=$(SHIP) tools/train/train_default.sh
 
 # The default's answer-time knowledge: word LM (../shared/data/lm), phrase memory of
 # chinese-poetry's training split, fusion weights fitted on development data; report in
 # runs/fused/eval/ (SHIP=1 installs it as edge/default_bundle).
 default-fusion: $(VENV)/.dev-stamp
-	SHIP=$(SHIP) tools/fuse_default.sh
+	SHIP=$(SHIP) tools/knowledge/fuse_default.sh
 
 # TinyBERT-style distillation of a 2-layer student from TEACHER, against the same
 # student trained from scratch for the same MINUTES; report in runs/distill/report/.
 distill-compare: $(VENV)/.dev-stamp
-	tools/distill_compare.sh $(TEACHER) $(MINUTES)
+	tools/train/distill_compare.sh $(TEACHER) $(MINUTES)
 
 # Which checkpoint for which board: the preset table, each shape timed here.
 presets: $(VENV)/.dev-stamp
@@ -87,12 +87,12 @@ presets: $(VENV)/.dev-stamp
 # One offline-installable archive for a Pi (aarch64 wheels for Python 3.11 and 3.13,
 # the package, the bundle(s), the units, install.sh / uninstall.sh).
 dist: $(VENV)/.runtime-stamp
-	tools/make_dist.sh $(if $(BUNDLE),--bundle $(BUNDLE))
+	tools/board/make_dist.sh $(if $(BUNDLE),--bundle $(BUNDLE))
 
 # arm64 Debian root under qemu user-mode emulation: install the archive offline,
 # run the runtime's tests and predictions, compare with x86 (needs root).
 arm-check: dist
-	tools/arm_check.sh
+	tools/board/arm_check.sh
 
 # Side-by-side benchmark (PyTorch pipeline / plain ORT FP32 / this runtime) and the
 # HTTP load test; results in out/bench/results.md, results.json, bench.png.

@@ -70,7 +70,7 @@ def make_checkpoint(out: str | Path, seed: int = 0, hidden: int = 32, layers: in
     import torch
     from transformers import BertConfig, BertForMaskedLM, BertTokenizer
 
-    from tools.checkpoint import PROVENANCE_FILE
+    from tools.bundle.checkpoint import PROVENANCE_FILE
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -98,7 +98,7 @@ def make_checkpoint(out: str | Path, seed: int = 0, hidden: int = 32, layers: in
         model.cls.predictions.bias.copy_(torch.randn(len(vocab)) * 0.5)
     model.save_pretrained(str(out))
     # The weights are random: say so, so that bundles built from this folder carry
-    # random_init: true in their manifest (tools.checkpoint reads this file).
+    # random_init: true in their manifest (tools.bundle.checkpoint reads this file).
     (out / PROVENANCE_FILE).write_text(json.dumps(
         {"random_init": True, "seed": seed, "made_by": "tests/make_tiny_checkpoint.py"}, indent=2) + "\n",
         encoding="utf-8")
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         make_checkpoint(args.out, seed=args.seed)
         return 0
     make_checkpoint(CHECKPOINT_DIR, seed=args.seed)
-    from tools.build import build_bundle
+    from tools.bundle.build import build_bundle
 
     os.chdir(ROOT)  # so the manifest records the repository-relative source path
     build_bundle(

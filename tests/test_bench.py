@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tools import pi_estimate as pe
-from tools.bench_inputs import MASK, load_text, mask_one, mask_run
-from tools.loadtest import percentile, run_rate
+from tools.benchmark import pi_estimate as pe
+from tools.benchmark.inputs import MASK, load_text, mask_one, mask_run
+from tools.benchmark.loadtest import percentile, run_rate
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -142,7 +142,7 @@ def test_run_rate_counts_http_errors(http_server):
 
 
 def test_run_rate_counts_refused_connections():
-    from tools.loadtest import free_port
+    from tools.benchmark.loadtest import free_port
 
     result = run_rate("127.0.0.1", free_port(), lambda i: "x[MASK]", rate=20, duration_s=0.1, timeout_s=2)
     assert result.errors == result.requests and result.ok == 0

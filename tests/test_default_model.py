@@ -8,7 +8,7 @@ import pytest
 
 from edge.bundle import load_bundle
 from edge.engine import Engine
-from tools.dev_sets import EVERYDAY
+from tools.evaluation.dev_sets import EVERYDAY
 
 # Regression floors, one below what the shipped bundle scores (INT8 kernels differ
 # between CPUs, so a close call may flip): fused it gets 14 of 16 everyday sentences
@@ -77,7 +77,7 @@ def test_everyday_sentences_get_the_obvious_answer(engine):
 def test_chid_accuracy_in_the_manifest_is_reproduced(engine, shared_dir):
     """The ChID figures shipped in the manifest — fused, and the model alone — are what
     the bundle scores now (all of dev_few_all.json, through the same evaluation code)."""
-    from tools import evaluate as ev
+    from tools.evaluation import evaluate as ev
 
     chid_file = shared_dir / "data" / "fewclue" / "chid" / "dev_few_all.json"
     if not chid_file.is_file():

@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tools import ToolError, distill, wwm
+from tools import ToolError
+from tools.train import distill
+from tools.train import wwm
 
 torch = pytest.importorskip("torch")
 
@@ -183,7 +185,7 @@ def test_distillation_refuses_bad_options_with_a_message(tiny_teacher, tmp_path,
 
 
 def test_preset_names_resolve_to_hub_ids_and_a_local_folder_wins(tmp_path, monkeypatch):
-    from tools.checkpoint import PRESETS, resolve_source
+    from tools.bundle.checkpoint import PRESETS, resolve_source
 
     assert resolve_source("rbt3") == "hfl/rbt3"
     assert resolve_source("chinese-roberta-wwm-ext") == "hfl/chinese-roberta-wwm-ext"

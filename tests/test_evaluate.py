@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tools import ToolError
-from tools import evaluate as ev
+from tools.evaluation import evaluate as ev
 
 MASK_RE = re.compile(r"(?:\[MASK\])+")
 
@@ -27,7 +27,7 @@ class OracleEngine:
     among fixed distractors; ``score_fillers`` prefers the filler in ``truth``."""
 
     def __init__(self, passages=(), rank=0, truth=None, quantization=None):
-        from tools.dev_sets import EVERYDAY
+        from tools.evaluation.dev_sets import EVERYDAY
 
         # It also knows the everyday sentences, which evaluate measures too.
         self.passages = list(passages) + [text.replace("[MASK]", answer) for text, answer in EVERYDAY]
@@ -258,7 +258,7 @@ def test_cli_on_the_tiny_bundle_measures_latency_and_charts_it(tiny_bundle_dir, 
 
 def test_presets_table_lists_the_hub_checkpoints_and_times_a_bundle(tiny_bundle_dir, capsys):
     from tools.__main__ import main
-    from tools.checkpoint import PRESETS
+    from tools.bundle.checkpoint import PRESETS
 
     assert main(["presets", "--json", "--bundle", str(tiny_bundle_dir), "--threads", "1"]) == 0
     out = capsys.readouterr().out

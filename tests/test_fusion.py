@@ -16,8 +16,8 @@ import pytest
 from edge.bundle import BundleError, load_bundle
 from edge.engine import Engine
 from edge.manifest import Manifest, file_entry
-from tools.lm import add_lm_to_bundle
-from tools.memory import add_memory_to_bundle
+from tools.knowledge.lm import add_lm_to_bundle
+from tools.knowledge.memory import add_memory_to_bundle
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TINY_ARPA = FIXTURES / "tiny_lm" / "tiny.arpa"
@@ -197,7 +197,7 @@ def test_a_filler_the_model_cannot_write_gets_an_indicator_not_a_floor():
 
 def test_fit_weights_recovers_a_decisive_feature():
     from edge.fusion import FEATURES
-    from tools.fusion import FitItem, fit_weights
+    from tools.knowledge.fusion import FitItem, fit_weights
 
     rng = np.random.default_rng(0)
     items = []
@@ -216,8 +216,8 @@ def test_fit_weights_recovers_a_decisive_feature():
 
 
 def test_development_queries_run_through_the_engine_for_the_fit(engine):
-    from tools.dev_sets import BlankItem
-    from tools.fusion import collect, fit_weights, KIND_FEATURES
+    from tools.evaluation.dev_sets import BlankItem
+    from tools.knowledge.fusion import collect, fit_weights, KIND_FEATURES
 
     queries = [BlankItem(POEM, "上"), BlankItem("春眠不觉晓，处处闻啼[MASK]。", "鸟"),
                BlankItem("白日依山尽，黄河入海[MASK]。", "流"), BlankItem("我们去公[MASK]散步。", "园"),

@@ -13,7 +13,7 @@ import pytest
 
 from edge.ngram_lm import FillerScorer, NgramLM, NgramLMError
 from tools import ToolError
-from tools.lm import convert, read_arpa
+from tools.knowledge.lm import convert, read_arpa
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TINY_ARPA = FIXTURES / "tiny_lm" / "tiny.arpa"
@@ -71,7 +71,7 @@ def test_shipped_lm_scores_equal_kenlm_on_held_apart_sentences(shared_dir, tmp_p
     archive = shared_dir / "data" / "lm" / bundle.manifest.lm["source_file"]
     if not archive.is_file():
         pytest.skip(f"{archive} is not present")
-    from tools.lm import file_sha256, open_arpa
+    from tools.knowledge.lm import file_sha256, open_arpa
 
     assert file_sha256(archive) == bundle.manifest.lm["source_sha256"], "lm.bin was made from another file"
     handle, _ = open_arpa(archive)

@@ -41,7 +41,7 @@ def test_identical_checkpoints_get_identical_losses_on_held_apart_and_training_t
 
 
 def test_bad_inputs_are_refused_naming_the_file(tmp_path):
-    from tools import mlm_loss
+    from tools.train import mlm_loss
 
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n", encoding="utf-8")
@@ -61,7 +61,7 @@ def test_bad_inputs_are_refused_naming_the_file(tmp_path):
 def _parse(argv: list[str]):
     import argparse
 
-    from tools import mlm_loss
+    from tools.train import mlm_loss
 
     parser = argparse.ArgumentParser()
     mlm_loss.add_arguments(parser)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from edge.phrase_memory import PhraseMemory, PhraseMemoryError, normalize_query
-from tools.memory import build_memory, read_works
+from tools.knowledge.memory import build_memory, read_works
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TINY_POETRY = FIXTURES / "tiny_poetry"
@@ -61,7 +61,7 @@ def test_unknown_contexts_give_no_hits(memory):
 def test_held_apart_documents_are_not_in_the_memory(tmp_path):
     """Each document that the training split holds apart (the same hash rule as
     pretrain) is absent; every other one is present."""
-    from tools.corpus import is_test_document, record_text, to_simplified
+    from tools.train.corpus import is_test_document, record_text, to_simplified
 
     out = tmp_path / "memory.bin"
     meta = build_memory(TINY_POETRY, out, test_fraction=0.5)
@@ -128,7 +128,7 @@ def test_the_shipped_memory_holds_the_training_split_of_chinese_poetry(shared_di
     """Counts in the default bundle's manifest match the split computed now: every
     chinese-poetry document is either in the memory or held apart, none both."""
     from edge.bundle import load_bundle
-    from tools.corpus import CJK_RE, _records_of_json_file, corpus_files, is_test_document, record_text, \
+    from tools.train.corpus import CJK_RE, _records_of_json_file, corpus_files, is_test_document, record_text, \
         to_simplified
 
     memory = load_bundle(None).manifest.memory

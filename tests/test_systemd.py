@@ -204,7 +204,7 @@ def test_runtime_threads_follow_the_units_affinity():
     assert result.stdout.strip() == f"{cores} {len(cores)}"
 
 
-SCRIPTS = {"tools/install.sh": "sh", "tools/uninstall.sh": "sh", "tools/make_dist.sh": "bash", "tools/arm_check.sh": "bash"}
+SCRIPTS = {"tools/board/install.sh": "sh", "tools/board/uninstall.sh": "sh", "tools/board/make_dist.sh": "bash", "tools/board/arm_check.sh": "bash"}
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
@@ -216,6 +216,6 @@ def test_deployment_scripts_parse(script):
 
 @pytest.mark.skipif(os.uname().machine == "aarch64", reason="checks the refusal on a non-ARM machine")
 def test_install_refuses_the_wrong_machine_clearly(tmp_path):
-    result = subprocess.run(["sh", str(ROOT / "tools/install.sh")], capture_output=True, text=True, timeout=30)
+    result = subprocess.run(["sh", str(ROOT / "tools/board/install.sh")], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "run as root" in result.stderr or "aarch64" in result.stderr, result.stderr

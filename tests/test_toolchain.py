@@ -30,10 +30,10 @@ from edge.manifest import (  # noqa: E402
 )
 from tools import ToolError  # noqa: E402
 from tools.__main__ import main as tools_main  # noqa: E402
-from tools.build import build_bundle  # noqa: E402
-from tools.checkpoint import load_checkpoint  # noqa: E402
-from tools.trim_vocab import CorpusStats, count_texts, corpus_stats, plan_trim, trim_checkpoint  # noqa: E402
-from tools.verify import PARITY_ATOL, PARITY_RTOL, seeded_inputs, torch_logits  # noqa: E402
+from tools.bundle.build import build_bundle  # noqa: E402
+from tools.bundle.checkpoint import load_checkpoint  # noqa: E402
+from tools.bundle.trim_vocab import CorpusStats, count_texts, corpus_stats, plan_trim, trim_checkpoint  # noqa: E402
+from tools.bundle.verify import PARITY_ATOL, PARITY_RTOL, seeded_inputs, torch_logits  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 LINES = (
@@ -284,7 +284,7 @@ def test_build_writes_verified_bundle(tiny_dir, corpus, tmp_path):
 
 def test_failed_fp32_parity_writes_nothing(tiny_dir, tmp_path, monkeypatch):
     """An export that does not match PyTorch stops the build before any bundle exists."""
-    import tools.export_onnx as export_module
+    import tools.bundle.export_onnx as export_module
 
     real_export = export_module.export_onnx
 

@@ -64,7 +64,7 @@ def test_int8_bundle_gives_weights_within_one_quantization_step(tiny_bundle_dir,
     assert record["quantized"] is True and record["tensors"]["dequantized"] > 0
     assert record["check"]["top1_agreement"] >= 0.8
     # The folder loads as a checkpoint the toolchain trains on, with the bundle's vocabulary.
-    from tools import wwm
+    from tools.train import wwm
 
     tokens = wwm.read_vocab(out / "vocab.txt")
     bundle_vocab = json.loads((tiny_bundle_dir / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]

@@ -16,22 +16,22 @@ from edge.logs import setup_logging
 from tools import ToolError
 
 COMMANDS = {
-    "build": ("tools.build", "checkpoint → verified INT8 bundle (the whole pipeline)"),
-    "export": ("tools.export_onnx", "checkpoint → FP32 ONNX with logits at masked positions only"),
-    "trim": ("tools.trim_vocab", "trim the vocabulary of a checkpoint by corpus frequency"),
-    "quantize": ("tools.quantize", "FP32 ONNX → dynamic INT8 ONNX"),
-    "verify": ("tools.verify", "check a bundle against its source checkpoint"),
-    "pretrain": ("tools.pretrain", "train the compact Chinese masked-LM (whole-word masking)"),
-    "distill": ("tools.distill", "TinyBERT-style distillation of a compact student from a teacher"),
-    "presets": ("tools.presets", "hub checkpoints to start from: shapes, FLOPs, measured/estimated latency"),
-    "evaluate": ("tools.evaluate", "cloze and ChID accuracy of a bundle"),
-    "mlm-loss": ("tools.mlm_loss", "masked-LM loss of checkpoints on identical masks (held-apart vs training text)"),
-    "unbundle": ("tools.unbundle", "bundle → Hugging Face checkpoint folder (to train on from a shipped model)"),
-    "lm": ("tools.lm", "ARPA word n-gram LM → the bundle's lm.bin (convert); score a text with it"),
-    "memory": ("tools.memory", "training corpus → the bundle's exact phrase memory (build); look a blank up"),
-    "fusion": ("tools.fusion", "fit the weights that fuse model, word LM and memory (on development data)"),
-    "ship": ("tools.ship", "install a bundle as the embedded default, with its measured accuracy"),
-    "bench": ("tools.bench", "side-by-side latency / memory benchmark"),
+    "build": ("tools.bundle.build", "checkpoint → verified INT8 bundle (the whole pipeline)"),
+    "export": ("tools.bundle.export_onnx", "checkpoint → FP32 ONNX with logits at masked positions only"),
+    "trim": ("tools.bundle.trim_vocab", "trim the vocabulary of a checkpoint by corpus frequency"),
+    "quantize": ("tools.bundle.quantize", "FP32 ONNX → dynamic INT8 ONNX"),
+    "verify": ("tools.bundle.verify", "check a bundle against its source checkpoint"),
+    "pretrain": ("tools.train.pretrain", "train the compact Chinese masked-LM (whole-word masking)"),
+    "distill": ("tools.train.distill", "TinyBERT-style distillation of a compact student from a teacher"),
+    "presets": ("tools.benchmark.presets", "hub checkpoints to start from: shapes, FLOPs, measured/estimated latency"),
+    "evaluate": ("tools.evaluation.evaluate", "cloze and ChID accuracy of a bundle"),
+    "mlm-loss": ("tools.train.mlm_loss", "masked-LM loss of checkpoints on identical masks (held-apart vs training text)"),
+    "unbundle": ("tools.bundle.unbundle", "bundle → Hugging Face checkpoint folder (to train on from a shipped model)"),
+    "lm": ("tools.knowledge.lm", "ARPA word n-gram LM → the bundle's lm.bin (convert); score a text with it"),
+    "memory": ("tools.knowledge.memory", "training corpus → the bundle's exact phrase memory (build); look a blank up"),
+    "fusion": ("tools.knowledge.fusion", "fit the weights that fuse model, word LM and memory (on development data)"),
+    "ship": ("tools.bundle.ship", "install a bundle as the embedded default, with its measured accuracy"),
+    "bench": ("tools.benchmark.bench", "side-by-side latency / memory benchmark"),
 }
 
 

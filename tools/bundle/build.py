@@ -110,11 +110,11 @@ def build_bundle(source: str, out: str | Path, vocab_size: int | None = None, co
     """
     import edge
     from edge.manifest import Architecture, Manifest
-    from tools.checkpoint import architecture_of, load_checkpoint
-    from tools.export_onnx import export_onnx
-    from tools.quantize import optimize_model, quantize_model
-    from tools.trim_vocab import corpus_stats, log_plan, plan_trim, trim_checkpoint
-    from tools.verify import (check_parity, cloze_batches, compare_models, ort_session, seeded_inputs,
+    from tools.bundle.checkpoint import architecture_of, load_checkpoint
+    from tools.bundle.export_onnx import export_onnx
+    from tools.bundle.quantize import optimize_model, quantize_model
+    from tools.bundle.trim_vocab import corpus_stats, log_plan, plan_trim, trim_checkpoint
+    from tools.bundle.verify import (check_parity, cloze_batches, compare_models, ort_session, seeded_inputs,
                               session_fn, verify_bundle)
 
     out = Path(out)
@@ -182,7 +182,7 @@ def build_bundle(source: str, out: str | Path, vocab_size: int | None = None, co
                                     max_length=min(64, config.max_position_embeddings)) if texts else []
             inputs = "masked CJK characters in held-apart corpus lines (test split)"
             if not batches:
-                from tools.verify import ClozeBatch
+                from tools.bundle.verify import ClozeBatch
                 inputs = "seeded random token sequences (no corpus given)"
                 batches = [ClozeBatch(*seeded_inputs(config.vocab_size, special, 4, 24, 2, seed + 100 + k),
                                       answers=np.full((4, 2), -1, dtype=np.int64)) for k in range(8)]
@@ -242,8 +242,8 @@ def build_bundle(source: str, out: str | Path, vocab_size: int | None = None, co
 
 def add_arguments(parser) -> None:
     """Options of ``python -m tools build``."""
-    from tools.checkpoint import add_source_arguments
-    from tools.trim_vocab import default_corpus
+    from tools.bundle.checkpoint import add_source_arguments
+    from tools.bundle.trim_vocab import default_corpus
 
     add_source_arguments(parser)
     parser.add_argument("--out", required=True, type=Path, help="bundle folder to write")
@@ -280,7 +280,7 @@ TRAINING_FIELDS = ("objective", "teacher", "teacher_shape", "layer_map", "init",
 
 def training_summary(source) -> dict | None:
     """The training record of a checkpoint folder this project trained (else None)."""
-    from tools.checkpoint import read_training_record
+    from tools.bundle.checkpoint import read_training_record
 
     info = read_training_record(source)
     if info is None:
@@ -297,9 +297,9 @@ def add_knowledge(out: Path, lm: Path | None, memory: Path | None, lm_license_id
                   memory_license_id: str = "", fit: bool = True, random_init: bool = False) -> None:
     """Give a built bundle its word LM and phrase memory, then fit the fusion weights
     (not for random weights: a fit on them would mean nothing; the defaults stay)."""
-    from tools.fusion import SHARED, fit_bundle
-    from tools.lm import add_lm_to_bundle
-    from tools.memory import add_memory_to_bundle
+    from tools.knowledge.fusion import SHARED, fit_bundle
+    from tools.knowledge.lm import add_lm_to_bundle
+    from tools.knowledge.memory import add_memory_to_bundle
 
     for path, what in ((lm, "LM"), (memory, "memory corpus")):
         if path is not None and not Path(path).exists():

@@ -3,13 +3,13 @@
 # qemu user-mode emulation, run the runtime's tests and predictions there, and
 # compare the answers with this (x86) machine's.
 #
-#   sudo tools/arm_check.sh [--archive dist/fillmask-edge-*.tar.gz] [--root DIR]
+#   sudo tools/board/arm_check.sh [--archive dist/fillmask-edge-*.tar.gz] [--root DIR]
 #                           [--suite bookworm] [--cpus "cortex-a72 cortex-a76"] [--tolerance 0.02]
 #
 # Steps (each timed): apt-get install debootstrap qemu-user-static binfmt-support if
 # missing; mount binfmt_misc and enable qemu-aarch64; debootstrap --arch=arm64
 # minbase + python3 into DIR (default /var/tmp/fillmask-arm64-SUITE, kept and
-# reused); build the archive with tools/make_dist.sh unless --archive is given;
+# reused); build the archive with tools/board/make_dist.sh unless --archive is given;
 # run install.sh inside the root (offline, from the archive's wheels; no systemd
 # there, so it checks with one prediction); run the tests that need no torch
 # against the installed package with QEMU_CPU=first of --cpus (cortex-a72 = Pi 4);
@@ -22,7 +22,7 @@
 # machine stays usable. Exit status 0 only if every check passed.
 set -euo pipefail
 
-REPO=$(cd "$(dirname "$0")/.." && pwd)
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
 SUITE=bookworm
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
 ARM_ROOT=""
@@ -132,11 +132,11 @@ in_root() { "${NICE[@]}" chroot "$ARM_ROOT" /usr/bin/env -i PATH=/usr/sbin:/usr/
 
 # -- 3. the archive ------------------------------------------------------------------
 if [ -z "$ARCHIVE" ]; then
-    step "building the archive (tools/make_dist.sh)"
+    step "building the archive (tools/board/make_dist.sh)"
     extra=()
     [ -f "$REPO/edge/default_bundle/manifest.json" ] || extra=(--bundle "$REPO/tests/fixtures/tiny_bundle")
     OUTDIR=$REPO/dist  # git-ignored; what `make dist` produces too
-    "${NICE[@]}" "$REPO/tools/make_dist.sh" --out "$OUTDIR" "${extra[@]}" | grep -v '^    ' || die "make_dist.sh failed"
+    "${NICE[@]}" "$REPO/tools/board/make_dist.sh" --out "$OUTDIR" "${extra[@]}" | grep -v '^    ' || die "make_dist.sh failed"
     ARCHIVE=$(ls -t "$OUTDIR"/fillmask-edge-*-linux-aarch64.tar.gz | head -n 1)
     lap
 fi
@@ -169,7 +169,7 @@ step "runtime tests on arm64 (QEMU_CPU=$QEMU_CPU)"
 CHECK=/opt/fillmask-check
 rm -rf "$ARM_ROOT$CHECK" && mkdir -p "$ARM_ROOT$CHECK"
 cp -r "$REPO/tests" "$REPO/systemd" "$ARM_ROOT$CHECK/"
-mkdir -p "$ARM_ROOT$CHECK/tools" && cp "$REPO"/tools/*.sh "$ARM_ROOT$CHECK/tools/"  # the scripts only, no toolchain
+mkdir -p "$ARM_ROOT$CHECK/tools/board" && cp "$REPO"/tools/board/*.sh "$ARM_ROOT$CHECK/tools/board/"  # the scripts only, no toolchain
 find "$ARM_ROOT$CHECK" -name __pycache__ -prune -exec rm -rf {} +
 # Tests that need the workstation toolchain (torch, transformers, tools/) stay on x86.
 TESTS=$(cd "$REPO" && grep -L -E '^\s*(from|import) (tools|torch|transformers)\b|selenium' tests/test_*.py | tr '\n' ' ')

@@ -2,7 +2,7 @@
 
 ``build`` reads the corpus the default model was trained on (by default the
 chinese-poetry part of ``../shared/data``), keeps only the training split (every
-document whose text :func:`tools.corpus.is_test_document` holds apart is left out,
+document whose text :func:`tools.train.corpus.is_test_document` holds apart is left out,
 exactly as ``pretrain`` leaves it out), and writes:
 
 - the text of each *work* (a poem, a ci, a chapter…) as one line: its paragraphs in
@@ -37,11 +37,11 @@ from typing import Iterator
 import numpy as np
 
 from tools import ToolError
-from tools.knowledge_args import add_output_arguments, check_bundle_folder, open_bundle_file
+from tools.knowledge.args import add_output_arguments, check_bundle_folder, open_bundle_file
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CORPUS = REPO.parent / "shared" / "data" / "poetry"
 MEMORY_FILE, MEMORY_LICENSE_FILE, MEMORY_README_FILE = "memory.bin", "memory.LICENSE", "memory.README.md"
 SORT_DEPTH = 32  # characters the suffix array is sorted on (longest pattern searched: 24)
@@ -84,9 +84,9 @@ def works_of_record(record, inherited: Work, depth: int = 0) -> Iterator[Work]:
     """The works in one JSON record of chinese-poetry (nested collections included).
 
     Paragraphs are the strings directly under the corpus reader's text keys
-    (:data:`tools.corpus.TEXT_KEYS`), so the memory holds training text only.
+    (:data:`tools.train.corpus.TEXT_KEYS`), so the memory holds training text only.
     """
-    from tools.corpus import TEXT_KEYS
+    from tools.train.corpus import TEXT_KEYS
 
     if isinstance(record, list):
         for item in record:
@@ -122,7 +122,7 @@ def works_of_record(record, inherited: Work, depth: int = 0) -> Iterator[Work]:
 def read_works(corpus: Path, test_fraction: float = 0.02) -> tuple[list[Work], dict]:
     """Works of the training split of ``corpus``, simplified; and counts."""
     from edge.phrase_memory import normalize_query
-    from tools.corpus import CJK_RE, _records_of_json_file, corpus_files, is_test_document, record_text, \
+    from tools.train.corpus import CJK_RE, _records_of_json_file, corpus_files, is_test_document, record_text, \
         to_simplified
 
     works: list[Work] = []

@@ -33,7 +33,7 @@ import numpy as np
 
 from edge.manifest import MODEL_FILE, TOKENIZER_FILE, Manifest, ManifestError
 from tools import ToolError
-from tools.checkpoint import TRAINING_FILE
+from tools.bundle.checkpoint import TRAINING_FILE
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_of(manifest: Manifest, vocab_size: int):
     """The ``BertConfig`` a bundle's manifest describes."""
-    from tools.pretrain import make_config
+    from tools.train.pretrain import make_config
 
     arch = manifest.architecture
     if arch.model_type != "bert":
@@ -69,10 +69,10 @@ def initializer_sources(config) -> dict[str, tuple[str, bool]]:
     from onnx import numpy_helper
     from transformers import AutoModelForMaskedLM
 
-    from tools.export_onnx import export_onnx
+    from tools.bundle.export_onnx import export_onnx
 
     torch.manual_seed(0)
-    # Eager attention, as tools.checkpoint loads models for export.
+    # Eager attention, as tools.bundle.checkpoint loads models for export.
     probe = AutoModelForMaskedLM.from_config(copy.deepcopy(config), attn_implementation="eager").eval()
     with torch.no_grad():
         for param in probe.parameters():
@@ -203,7 +203,7 @@ def unbundle(bundle_dir: Path, out: Path, check_rows: int = 200) -> dict:
     import torch
     from transformers import BertForMaskedLM
 
-    from tools import wwm
+    from tools.train import wwm
 
     try:
         manifest = Manifest.load(bundle_dir)

@@ -32,15 +32,15 @@ SENTENCE_END_RE = re.compile(r"(?<=[。！？；!?;])")
 def _held_apart_documents(data: Path, per_file: int, seed: int, test_fraction: float = 0.02) -> list[str]:
     """Texts of the held-apart (test split) documents under ``data``, corpora mixed.
 
-    The split is :func:`tools.corpus.is_test_document`, the one the toolchain and
+    The split is :func:`tools.train.corpus.is_test_document`, the one the toolchain and
     the training run use. At most ``per_file`` documents per file; the documents of
     each top-level folder (FewCLUE's modern text, chinese-poetry's classical text)
     are shuffled and then interleaved, so both kinds of text are represented. Files
     that are not corpora (FewCLUE's label_distribution.json) are skipped by
-    :func:`tools.wwm.read_documents`.
+    :func:`tools.train.wwm.read_documents`.
     """
-    from tools.corpus import CorpusError, corpus_files, is_test_document
-    from tools.wwm import read_documents
+    from tools.train.corpus import CorpusError, corpus_files, is_test_document
+    from tools.train.wwm import read_documents
 
     try:
         files = corpus_files(data)
@@ -158,7 +158,7 @@ def build_inputs(data: Path, tokenizer_path: Path, n_per_set: int, n_agree: int,
     agree_short = rest[: n_agree - n_long_agree]
     load_pool = rest[len(agree_short):][:n_load]
     inputs = {
-        "source": f"held-apart documents (tools.corpus.is_test_document, 2%) of {data}",
+        "source": f"held-apart documents (tools.train.corpus.is_test_document, 2%) of {data}",
         "tokenizer": str(tokenizer_path),
         "seed": seed,
         "short": items(short_set, mask_one),

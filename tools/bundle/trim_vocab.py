@@ -91,7 +91,7 @@ def count_texts(texts: Iterable[str]) -> tuple[Counter, Counter, int]:
 
 
 def _cache_key(corpus: Path) -> str:
-    from tools.corpus import corpus_files
+    from tools.train.corpus import corpus_files
 
     digest = hashlib.sha256(f"v{CACHE_VERSION}:{corpus.resolve()}".encode())
     for file in corpus_files(corpus):
@@ -108,12 +108,12 @@ def cache_dir() -> Path:
 def corpus_stats(corpus: str | Path, use_cache: bool = True) -> CorpusStats:
     """Count the training split of a corpus (file or folder of ``.json``/``.txt``).
 
-    Documents are read with ``tools.corpus.iter_documents`` (simplified Chinese) and
+    Documents are read with ``tools.train.corpus.iter_documents`` (simplified Chinese) and
     split with ``split_documents``; only the training split is counted, and up to
     ``MAX_TEST_TEXTS`` test-split texts are kept for evaluation. Results are cached
     by corpus path + file sizes/mtimes, because reading the whole corpus is slow.
     """
-    from tools.corpus import CorpusError, corpus_files, is_test_document, iter_documents
+    from tools.train.corpus import CorpusError, corpus_files, is_test_document, iter_documents
 
     corpus = Path(corpus).expanduser()
     if not corpus.exists():
@@ -148,7 +148,7 @@ def corpus_stats(corpus: str | Path, use_cache: bool = True) -> CorpusStats:
             log.warning("skipping %s", exc)
             continue
         for doc in docs:
-            if is_test_document(doc.text, 0.02):  # same rule as tools.corpus.split_documents
+            if is_test_document(doc.text, 0.02):  # same rule as tools.train.corpus.split_documents
                 if len(test_texts) < MAX_TEST_TEXTS:
                     test_texts.append(doc.text)
                 continue
@@ -380,7 +380,7 @@ def trim_checkpoint(ckpt, plan: TrimPlan):
 
 def save_checkpoint(ckpt, out: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Write a (trimmed) Checkpoint as a Hugging Face folder plus its provenance file."""
-    from tools.checkpoint import PROVENANCE_FILE
+    from tools.bundle.checkpoint import PROVENANCE_FILE
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -394,7 +394,7 @@ def save_checkpoint(ckpt, out: str | Path, extra: dict[str, Any] | None = None) 
 
 def default_corpus() -> Path | None:
     """``../shared/data`` relative to the repository, when it exists."""
-    path = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    path = Path(__file__).resolve().parents[2].parent / "shared" / "data"
     return path if path.is_dir() else None
 
 
@@ -402,7 +402,7 @@ def default_corpus() -> Path | None:
 
 def add_arguments(parser) -> None:
     """Options of ``python -m tools trim``."""
-    from tools.checkpoint import add_source_arguments
+    from tools.bundle.checkpoint import add_source_arguments
 
     add_source_arguments(parser)
     parser.add_argument("--out", required=True, type=Path, help="folder for the trimmed checkpoint")
@@ -414,7 +414,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     """Load, trim and save a checkpoint; print the trim report."""
-    from tools.checkpoint import load_checkpoint
+    from tools.bundle.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(args.source, random_init=args.random_init, seed=args.seed, revision=args.revision)
     stats = corpus_stats(args.corpus, use_cache=not args.no_cache) if args.corpus else None

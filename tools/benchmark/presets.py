@@ -6,7 +6,7 @@ short query (32 tokens, one blank). With ``--measure`` every distinct shape is b
 here as an INT8 bundle with *random* weights (speed depends on the shape only; the
 hub is not reachable from the build box) and timed through the edge runtime; our own
 bundles (``--bundle DIR``) are timed the same way. The Raspberry Pi figures are paper
-estimates (``tools/pi_estimate.py``: this machine's measured efficiency carried over
+estimates (``tools/benchmark/pi_estimate.py``: this machine's measured efficiency carried over
 to the Pi's peak rates, floored by streaming the weights from DRAM).
 """
 
@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from tools import ToolError
-from tools.checkpoint import PRESETS, Preset
+from tools.bundle.checkpoint import PRESETS, Preset
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BERT_SOURCE = REPO.parent / "shared" / "models" / "bert-base-chinese"
 QUERY_TOKENS = 32
 TRIMMED_VOCAB = 8000  # what ``tools build`` keeps by default
@@ -53,7 +53,7 @@ def preset_params(p: Preset, vocab: int | None = None) -> int:
 
 def query_gflop(p: Preset, vocab: int = TRIMMED_VOCAB) -> float:
     """GFLOP of one 32-token query with one blank (head at that position only)."""
-    from tools.pi_estimate import Shape, query_flops
+    from tools.benchmark.pi_estimate import Shape, query_flops
 
     return query_flops(Shape(p.layers, p.hidden, p.intermediate, vocab), QUERY_TOKENS, 1) / 1e9
 
@@ -63,7 +63,7 @@ def measured_gflop(layers: int, hidden: int, intermediate: int, vocab: int) -> f
     length bucket (a query is shorter than 32 tokens, so this is less than
     ``query_gflop``; the Pi estimate must divide the work actually done)."""
     from edge.batcher import DEFAULT_BUCKETS
-    from tools.pi_estimate import Shape, query_flops
+    from tools.benchmark.pi_estimate import Shape, query_flops
 
     shape = Shape(layers, hidden, intermediate, vocab)
     total = 0.0
@@ -135,7 +135,7 @@ def time_bundle(bundle: Path | None, threads: int | None, repeats: int = 5, fusi
 
 
 def _pi(host, flops: float, measured_ms: float, weight_bytes: int, threads: int) -> dict[str, float]:
-    from tools.pi_estimate import PI4, PI5, estimate
+    from tools.benchmark.pi_estimate import PI4, PI5, estimate
 
     est = estimate(flops, measured_ms, host, threads, True, weight_bytes)
     return {"pi4_ms": round(est["targets"][PI4.name]["estimate_ms"], 1),
@@ -161,7 +161,7 @@ def markdown(rows: list[dict[str, Any]], machine: str) -> str:
     """The guide table."""
     lines = [f"Latency: median of one query ≤ {QUERY_TOKENS} tokens with one blank through the edge engine "
              f"(INT8, vocabulary trimmed to the corpus), measured on {machine}; Pi 4 / Pi 5: paper estimates "
-             "from that measurement (tools/pi_estimate.py).", "",
+             "from that measurement (tools/benchmark/pi_estimate.py).", "",
              "| model | hub id / bundle | layers×hidden | params (M) | GFLOP/query | here (ms) | Pi 4 est. (ms) "
              "| Pi 5 est. (ms) | INT8 bundle (MB) |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -175,9 +175,9 @@ def markdown(rows: list[dict[str, Any]], machine: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Print (and optionally measure) the preset table."""
-    from tools.pi_estimate import Shape, query_flops
+    from tools.benchmark.pi_estimate import Shape, query_flops
 
-    from tools.pi_estimate import host_cpu
+    from tools.benchmark.pi_estimate import host_cpu
 
     if args.json and not getattr(args, "debug", False):
         logging.getLogger().setLevel(logging.WARNING)  # stdout is then pure JSON (warnings still show)

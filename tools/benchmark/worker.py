@@ -1,4 +1,4 @@
-"""``python -m tools.bench_worker``: one system of ``python -m tools bench``, timed in
+"""``python -m tools.benchmark.worker``: one system of ``python -m tools bench``, timed in
 a fresh process of its own, so its resident memory and cold start are its own.
 
 It imports only what its system needs (the ``ort-fp32`` and ``ours`` workers never
@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tools.bench_inputs import MASK, SETS
-from tools.loadtest import percentile
+from tools.benchmark.inputs import MASK, SETS
+from tools.benchmark.loadtest import percentile
 
 SYSTEMS = ("pipeline", "ort-fp32", "ours")
 
@@ -123,8 +123,8 @@ def _pin(threads: int) -> list[int]:
 
 
 def worker_main(argv: list[str]) -> int:
-    """``python -m tools.bench_worker``: time one system in this fresh process."""
-    parser = argparse.ArgumentParser(prog="python -m tools.bench_worker")
+    """``python -m tools.benchmark.worker``: time one system in this fresh process."""
+    parser = argparse.ArgumentParser(prog="python -m tools.benchmark.worker")
     parser.add_argument("--system", required=True, choices=(*SYSTEMS, "agree"))
     parser.add_argument("--checkpoint", help="HF checkpoint folder (pipeline)")
     parser.add_argument("--onnx", help="full-logits FP32 ONNX (ort-fp32, agree)")

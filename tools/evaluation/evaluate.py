@@ -8,7 +8,7 @@ quantization and the engine's own decoding.
     with a seeded generator, is replaced by ``[MASK]``; top-1 / top-5 accuracy of
     ``predict(text, top_k=5)``. The passages are a text file (one a line) or, by
     default, the test split of ``../shared/data`` computed with the same function
-    ``pretrain`` uses (:func:`tools.wwm.held_apart_passages`), i.e. text no model
+    ``pretrain`` uses (:func:`tools.train.wwm.held_apart_passages`), i.e. text no model
     of ours was trained on. A character outside the bundle's vocabulary counts as a
     miss (the model cannot produce it).
 (b) ChID idiom choice (FewCLUE ``chid/dev_few_all.json``): ``#idiom#`` becomes four
@@ -19,9 +19,9 @@ quantization and the engine's own decoding.
     information. The plain joint score favours candidates made of frequent characters,
     more so the better a model knows character frequencies; PMI asks what the
     context adds. When a passage holds several ``#idiom#`` the first is the blank
-    the candidates belong to (as :func:`tools.corpus.record_text` assumes) and the
+    the candidates belong to (as :func:`tools.train.corpus.record_text` assumes) and the
     others are deleted (the engine would read them as text otherwise).
-(c) The 16 everyday sentences of :mod:`tools.dev_sets`: how many get the expected
+(c) The 16 everyday sentences of :mod:`tools.evaluation.everyday`: how many get the expected
     answer first and in the top 5.
 (d) Several bundles (``--bundle`` repeated, or ``--compare FP32_DIR``) are measured
     on the same items; the report adds each bundle's top-1 agreement with the first.
@@ -49,7 +49,7 @@ from tools import ToolError
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
 DEFAULT_CHID = SHARED / "data" / "fewclue" / "chid" / "dev_few_all.json"
 DEFAULT_DATA = SHARED / "data"
@@ -216,7 +216,7 @@ def evaluate_cloze(engine, items: Sequence[ClozeItem], top_k: int = 5, workers: 
 
 def evaluate_everyday(engine, fusion: bool | None = None) -> dict:
     """The 16 everyday sentences: expected answer first / in the top 5, and which missed."""
-    from tools.dev_sets import EVERYDAY
+    from tools.evaluation.everyday import EVERYDAY
 
     first = in_top5 = 0
     missed = []
@@ -381,7 +381,7 @@ def _load_items(args) -> tuple[list[ClozeItem], list[ChidItem], dict]:
             passages = read_passages(args.cloze_text)
             sources["cloze_text"] = str(args.cloze_text)
         else:
-            from tools.wwm import held_apart_passages
+            from tools.train.wwm import held_apart_passages
 
             if not Path(args.data).exists():
                 raise ToolError(f"{args.data}: corpus not found; give --cloze-text FILE")
@@ -446,7 +446,7 @@ def run(args: argparse.Namespace) -> int:
             engine.close()
         for result in rows:
             if not args.no_latency:
-                from tools.presets import time_bundle
+                from tools.benchmark.presets import time_bundle
 
                 timing = time_bundle(path, args.threads, repeats=3, fusion=result["fusion"])
                 result.update(latency_ms_median=timing["median_ms"], latency_ms_p90=timing["p90_ms"],
@@ -463,7 +463,7 @@ def run(args: argparse.Namespace) -> int:
                                                         result.get("_chid_choices", []))
     figures = [public(r) for r in results]
     if args.report:
-        from tools.report import write_report
+        from tools.evaluation.report import write_report
 
         paths = write_report(figures, args.report, sources)
         log.info("report written: %s", ", ".join(str(p) for p in paths))

@@ -3,7 +3,7 @@
 #   pretrain (whole-word masking on ../shared/data) → INT8 + FP32 bundles → evaluation
 #   report → (SHIP=1) install as edge/default_bundle with its figures in the manifest.
 #
-#   tools/train_default.sh [RUN_DIR]        (make default-model [SHIP=1])
+#   tools/train/train_default.sh [RUN_DIR]        (make default-model [SHIP=1])
 #
 # The shipped run was bounded by wall time (75 + 25 + 110 + 112 + 118 + 110 min on a
 # 2-core AMD EPYC Zen 4 VM, then 135 + 125 min on a Zen 5 one); this script runs the same
@@ -17,7 +17,7 @@
 # mapped by token onto this reader's 8,340-token vocabulary. Here every phase uses
 # this reader's cache and phase 7 starts from phase 6's own checkpoint.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PY=${PYTHON:-.venv/bin/python}
 RUN=${1:-runs/default}
 STEPS1=${STEPS1:-14630}   # steps of the shipped run's phase 1 (75 min here)
@@ -82,6 +82,6 @@ eval_cmd=(python -m tools evaluate --bundle "$RUN/bundle" --compare "$RUN/bundle
 "$PY" "${eval_cmd[@]:1}"
 if [ -n "${SHIP:-}" ]; then
   "$PY" -m tools ship --bundle "$RUN/bundle" --evaluation "$RUN/eval/evaluation.json" \
-    --command "${eval_cmd[*]}" --train-command "tools/train_default.sh $RUN" \
+    --command "${eval_cmd[*]}" --train-command "tools/train/train_default.sh $RUN" \
     --hardware "${HARDWARE:-$(nproc)-core $(uname -m) $DEVICE}" --notes "${NOTES:-}"
 fi

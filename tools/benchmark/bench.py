@@ -20,10 +20,10 @@ Results go to ``--out``: ``results.md`` (tables), ``results.json`` (raw numbers)
 ``bench.png`` (chart), plus server logs; exported models are cached in
 ``--out/work``.
 
-Each system runs in ``python -m tools.bench_worker`` (tools/bench_worker.py), which
+Each system runs in ``python -m tools.benchmark.worker`` (tools/benchmark/worker.py), which
 imports only what its system needs (the ``ort-fp32`` and ``ours`` workers never
 import torch), so the memory it reports is that system's. The inputs are picked by
-tools/bench_inputs.py, the tables and chart drawn by tools/bench_report.py; this
+tools/benchmark/inputs.py, the tables and chart drawn by tools/benchmark/report.py; this
 module prepares the models, runs the workers and the load test, and estimates.
 """
 
@@ -46,14 +46,14 @@ from pathlib import Path
 from typing import Any
 
 from tools import ToolError
-from tools.bench_inputs import SETS, build_inputs, load_text
-from tools.bench_report import render_chart, render_markdown
-from tools.bench_worker import SYSTEMS
-from tools.loadtest import percentile
+from tools.benchmark.inputs import SETS, build_inputs, load_text
+from tools.benchmark.report import render_chart, render_markdown
+from tools.benchmark.worker import SYSTEMS
+from tools.benchmark.loadtest import percentile
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
 BERT_SOURCE = SHARED / "models" / "bert-base-chinese"
 DEFAULT_BUNDLE = REPO / "edge" / "default_bundle"
@@ -141,7 +141,7 @@ def prepare_bert_random(source: Path, work: Path, seed: int, bundle: Path | None
     ckpt_dir = work / "bert-base-chinese-random"
     fp32 = work / "bert-base-chinese-random-fp32-full.onnx"
     if rebuild or not (ckpt_dir / "model.safetensors").is_file() or not fp32.is_file():
-        from tools.checkpoint import load_checkpoint
+        from tools.bundle.checkpoint import load_checkpoint
 
         log.info("== bert-base-chinese with random weights (seed %d): checkpoint + FP32 export", seed)
         ckpt = load_checkpoint(str(source), random_init=True, seed=seed)
@@ -195,7 +195,7 @@ def prepare_checkpoint_model(key: str, label: str, checkpoint: Path | None, bund
         spec.checkpoint = None
         spec.note = f"no HF checkpoint found for {bundle} (manifest source {manifest.source!r}): only 'ours' runs"
         return spec, notes
-    from tools.checkpoint import read_training_record
+    from tools.bundle.checkpoint import read_training_record
 
     training = read_training_record(checkpoint)
     if training is not None:
@@ -204,7 +204,7 @@ def prepare_checkpoint_model(key: str, label: str, checkpoint: Path | None, bund
     meta = work / f"{key}-fp32-full.json"
     stamp = (checkpoint / "model.safetensors").stat().st_mtime if (checkpoint / "model.safetensors").is_file() else 0
     if rebuild or not fp32.is_file() or fp32.stat().st_mtime < stamp:
-        from tools.checkpoint import load_checkpoint
+        from tools.bundle.checkpoint import load_checkpoint
 
         log.info("== %s: FP32 export of %s", key, checkpoint)
         ckpt = load_checkpoint(str(checkpoint))
@@ -230,7 +230,7 @@ def run_worker(python: str, system: str, options: list[str], result_path: Path, 
     """Launch one worker subprocess and return its result (or ``{"error": ...}``)."""
     result_path.unlink(missing_ok=True)
     launched = time.time()
-    command = [python, "-m", "tools.bench_worker", "--system", system, "--launched-at", repr(launched),
+    command = [python, "-m", "tools.benchmark.worker", "--system", system, "--launched-at", repr(launched),
                "--result", str(result_path), *options]
     try:
         proc = subprocess.run(command, cwd=REPO, env=_child_env(), capture_output=True, text=True, timeout=timeout_s)
@@ -380,7 +380,7 @@ def _weights_bytes(checkpoint: Path) -> int:
 def flop_table(results: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
     """Per-query arithmetic of each system and input set, and the Pi estimates."""
     from edge.batcher import DEFAULT_BUCKETS
-    from tools.pi_estimate import PI4, PI5, estimate, host_cpu, query_flops, shape_of_hf_config
+    from tools.benchmark.pi_estimate import PI4, PI5, estimate, host_cpu, query_flops, shape_of_hf_config
 
     host, host_notes = host_cpu()
     out: dict[str, Any] = {"host": vars(host), "host_notes": host_notes, "models": {}}
@@ -422,7 +422,7 @@ def flop_table(results: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any
 
 
 def _bundle_shape(bundle: str):
-    from tools.pi_estimate import parse_arch
+    from tools.benchmark.pi_estimate import parse_arch
 
     path = Path(bundle) / "manifest.json"
     if not path.is_file():
@@ -627,7 +627,7 @@ def run(args: argparse.Namespace) -> int:
             warnings.append(f"--load-model {load_key}: not among the benchmarked models; no load test for it")
             log.warning("%s", warnings[-1])
             continue
-        from tools.loadtest import load_test
+        from tools.benchmark.loadtest import load_test
 
         configs = {
             "batching-on": {"batch_window_ms": args.batch_window_ms, "max_batch": args.max_batch},
@@ -645,7 +645,7 @@ def run(args: argparse.Namespace) -> int:
                 warnings.append(f"load test {load_key} / {name}: {entry['error']}")
 
     # -- estimates, goals, report
-    from tools.pi_estimate import ASSUMPTIONS, cpu_table
+    from tools.benchmark.pi_estimate import ASSUMPTIONS, cpu_table
 
     estimates = flop_table(results, inputs)
     estimates["assumptions"] = ASSUMPTIONS

@@ -5,12 +5,12 @@
 #   the development data (tools fusion fit), evaluated fused and model-only (tools evaluate),
 #   installed as edge/default_bundle (tools ship) when SHIP=1.
 #
-#   tools/fuse_default.sh [RUN_DIR] [SOURCE_BUNDLE]     (defaults: runs/fused, edge/default_bundle)
+#   tools/knowledge/fuse_default.sh [RUN_DIR] [SOURCE_BUNDLE]     (defaults: runs/fused, edge/default_bundle)
 #
 # lm.bin and memory.bin come out byte for byte the same for the same inputs, so re-running
 # this after a retrained model adds no second copy of them to git. ~10 minutes on 2 cores.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 RUN=${1:-runs/fused}
 SOURCE=${2:-edge/default_bundle}
 PY=${PY:-.venv/bin/python}
@@ -26,7 +26,7 @@ rm -rf "$RUN/bundle" && cp -r "$SOURCE" "$RUN/bundle"
 # The held-apart passages, as pretrain writes them (the cloze test; the fit left out the ones measured here).
 "$PY" - "$RUN/test_passages.txt" "$SHARED/data" <<'PYEOF'
 import sys
-from tools.wwm import held_apart_passages
+from tools.train.wwm import held_apart_passages
 open(sys.argv[1], "w", encoding="utf-8").write("".join(p + "\n" for p in held_apart_passages(sys.argv[2])))
 PYEOF
 eval_cmd=(python -m tools evaluate --bundle "$RUN/bundle" --cloze-text "$RUN/test_passages.txt"

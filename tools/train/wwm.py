@@ -2,8 +2,8 @@
 
 The pipeline, in the order the data is touched:
 
-1. read every document with :func:`tools.corpus.iter_documents` and hold apart the
-   test split (:func:`tools.corpus.split_documents`) before anything else looks at
+1. read every document with :func:`tools.train.corpus.iter_documents` and hold apart the
+   test split (:func:`tools.train.corpus.split_documents`) before anything else looks at
    the text; the test passages go to a text file for ``python -m tools evaluate``;
 2. count bert-base-chinese token ids over the *training* documents and keep the
    special tokens plus the tokens used at least ``min_freq`` times (optionally
@@ -148,7 +148,7 @@ def test_passages(docs: Iterable, max_chars: int = PASSAGE_CHARS) -> list[str]:
 
 
 def read_documents(data: str | Path) -> list:
-    """All documents under ``data`` (via :func:`tools.corpus.iter_documents`), each once.
+    """All documents under ``data`` (via :func:`tools.train.corpus.iter_documents`), each once.
 
     A file that is not a corpus (e.g. FewCLUE's ``label_distribution.json``, which
     has a ``.json`` name but holds plain text) is skipped with a warning by
@@ -159,7 +159,7 @@ def read_documents(data: str | Path) -> list:
     # before the error, so those were read twice (2,866 FewCLUE iflytek documents in
     # the shipped model's corpus cache; see README, "Training and evaluating the
     # compact model").
-    from tools.corpus import CorpusError, iter_documents
+    from tools.train.corpus import CorpusError, iter_documents
 
     try:
         docs = list(iter_documents(data))
@@ -172,7 +172,7 @@ def read_documents(data: str | Path) -> list:
 
 def held_apart_passages(data: str | Path, test_fraction: float = 0.02) -> list[str]:
     """The test passages of ``data``, exactly as ``prepare_corpus`` writes them."""
-    from tools.corpus import split_documents
+    from tools.train.corpus import split_documents
 
     return test_passages(split_documents(read_documents(data), test_fraction)[1])
 
@@ -260,7 +260,7 @@ def prepare_corpus(data: str | Path, out_dir: str | Path, base_vocab: str | Path
     ``vocab.txt`` (kept vocabulary), ``ids.npy``, ``word_start.npy``, ``prep.json``
     (settings and counts). A second call with the same settings reuses the cache.
     """
-    from tools.corpus import split_documents
+    from tools.train.corpus import split_documents
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

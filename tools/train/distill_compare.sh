@@ -3,13 +3,13 @@
 # vs the teacher: build each into an INT8 bundle and evaluate all of them on the same
 # items in one report (Markdown + PNG, with latency through the edge runtime).
 #
-#   tools/distill_compare.sh [TEACHER_CHECKPOINT] [MINUTES] [OUT]
+#   tools/train/distill_compare.sh [TEACHER_CHECKPOINT] [MINUTES] [OUT]
 #   (make distill-compare TEACHER=… MINUTES=… OUT=…)
 #
 # Run on a quiet machine: the training budgets are wall-clock minutes, so anything else
 # using the CPU shortens every run alike but adds noise to the comparison.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PY=${PYTHON:-.venv/bin/python}
 TEACHER=${1:-runs/wwm-4x128-mixed/checkpoint}
 MINUTES=${2:-12}

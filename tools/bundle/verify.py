@@ -7,7 +7,7 @@
   must agree at every masked position whose top-2 margin exceeds that bound.
 - INT8 agreement: the INT8 model against the FP32 one on real text: random CJK
   characters masked in held-apart corpus lines (test split of
-  ``tools.corpus.split_documents``); top-1 agreement, mean top-5 overlap, and each
+  ``tools.train.corpus.split_documents``); top-1 agreement, mean top-5 overlap, and each
   model's accuracy at recovering the masked character.
 
 ``python -m tools verify --bundle DIR --checkpoint SRC`` checks a written bundle
@@ -59,7 +59,7 @@ def torch_logits(model, input_ids, attention_mask, mask_positions) -> np.ndarray
     """Logits of the PyTorch model at ``mask_positions`` (same wrapper as the export)."""
     import torch
 
-    from tools.export_onnx import MaskedPositionsLM
+    from tools.bundle.masked_lm import MaskedPositionsLM
 
     wrapper = MaskedPositionsLM(model).eval()
     with torch.no_grad():
@@ -154,7 +154,7 @@ def cloze_batches(tokenizer, texts: Iterable[str], special_ids: dict[str, int], 
                   ) -> list[ClozeBatch]:
     """Mask ``masks_per_line`` random single-CJK-character tokens (in the kept
     vocabulary) in each of up to ``n_samples`` lines, cut to ``max_length`` tokens."""
-    from tools.trim_vocab import CJK_CHAR_RE
+    from tools.bundle.trim_vocab import CJK_CHAR_RE
 
     rng = random.Random(seed)
     backend = tokenizer.backend_tokenizer
@@ -288,7 +288,7 @@ def verify_bundle(bundle: str | Path, ckpt, corpus_texts: list[str] | None = Non
 
 def add_arguments(parser) -> None:
     """Options of ``python -m tools verify``."""
-    from tools.trim_vocab import default_corpus
+    from tools.bundle.trim_vocab import default_corpus
 
     parser.add_argument("--bundle", required=True, type=Path, help="bundle folder to check")
     parser.add_argument("--checkpoint", required=True,
@@ -307,8 +307,8 @@ def run(args) -> int:
     """Verify a bundle and print the report as JSON."""
     import json
 
-    from tools.checkpoint import load_checkpoint
-    from tools.trim_vocab import corpus_stats, plan_trim, trim_checkpoint
+    from tools.bundle.checkpoint import load_checkpoint
+    from tools.bundle.trim_vocab import corpus_stats, plan_trim, trim_checkpoint
 
     ckpt = load_checkpoint(args.checkpoint, random_init=args.random_init, seed=args.seed)
     stats = corpus_stats(args.corpus) if args.corpus else None

@@ -21,7 +21,7 @@ from tools import ToolError
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DEST = REPO / "edge" / "default_bundle"
 FIGURES = ("cloze_top1", "cloze_top5", "chid_acc", "chid_acc_pmi", "n_cloze", "n_chid", "latency_ms_median",
            "latency_ms_p90", "latency_threads", "everyday_top1", "everyday_top5", "n_everyday", "top1_sources",

@@ -1,12 +1,12 @@
 """The development data the fusion weights are fitted on, and nothing else:
 
-- the held-apart cloze split (:func:`tools.wwm.held_apart_passages`) *minus* the
+- the held-apart cloze split (:func:`tools.train.wwm.held_apart_passages`) *minus* the
   passages that ``tools evaluate`` measures (its first ``EVAL_CLOZE_ITEMS`` items with
   seed 0), so the reported cloze figures stay untouched by the fit; from the rest,
   one-character blanks, blanks of a whole word (2-4 characters, jieba's words) and
   ``blank_length: "auto"`` blanks over a word of 1-4 characters;
 - ChID ``dev_few_all.json`` (idiom choice);
-- the 16 everyday sentences below.
+- the 16 everyday sentences (:mod:`tools.evaluation.everyday`).
 """
 
 from __future__ import annotations
@@ -16,26 +16,8 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
-# Everyday sentences with one obvious character missing (written before looking at
-# any model's answers; none of them is in the training corpus verbatim).
-EVERYDAY = [
-    ("床前明月光，疑是地[MASK]霜。", "上"),
-    ("今天天气很好，我们去公[MASK]散步吧。", "园"),
-    ("他每天早上都喝一杯咖[MASK]。", "啡"),
-    ("我在北京上大[MASK]，学的是计算机。", "学"),
-    ("春眠不觉晓，处处闻啼[MASK]。", "鸟"),
-    ("请把窗户关上，外面风太[MASK]了。", "大"),
-    ("妈妈做的饭菜非常好[MASK]。", "吃"),
-    ("我们明天上午九点在学校门[MASK]见面。", "口"),
-    ("火车晚点了半个小[MASK]。", "时"),
-    ("学而时习之，不亦说[MASK]？", "乎"),
-    ("中华人民共和[MASK]成立于一九四九年。", "国"),
-    ("这部电影太好看了，我想再看一[MASK]。", "遍"),
-    ("他生病了，今天没有来上[MASK]。", "班"),
-    ("白日依山尽，黄河入海[MASK]。", "流"),
-    ("我的手机没[MASK]了，借你的充电器用一下。", "电"),
-    ("周末我们一起去超市买东[MASK]吧。", "西"),
-]
+from tools.evaluation.everyday import EVERYDAY
+
 EVAL_CLOZE_ITEMS = 2000  # what `tools evaluate` measures by default (seed 0)
 HAN_WORD_RE = re.compile(r"^[\u3400-\u4dbf\u4e00-\u9fff]+$")
 MASK = "[MASK]"
@@ -53,7 +35,7 @@ class BlankItem:
 
 def fit_passages(passages: Sequence[str], eval_items: int = EVAL_CLOZE_ITEMS) -> list[str]:
     """The held-apart passages that ``tools evaluate`` does not measure."""
-    from tools.evaluate import make_cloze_items
+    from tools.evaluation.evaluate import make_cloze_items
 
     used = {item.passage for item in make_cloze_items(passages, eval_items, seed=0)}
     return [p for i, p in enumerate(passages) if i not in used]
@@ -61,7 +43,7 @@ def fit_passages(passages: Sequence[str], eval_items: int = EVAL_CLOZE_ITEMS) ->
 
 def char_items(passages: Sequence[str], count: int, seed: int = 1) -> list[BlankItem]:
     """One random Han character of a passage masked (as ``tools evaluate`` does)."""
-    from tools.evaluate import make_cloze_items
+    from tools.evaluation.evaluate import make_cloze_items
 
     return [BlankItem(i.text, i.answer, None, "cloze-char") for i in make_cloze_items(passages, count, seed)]
 

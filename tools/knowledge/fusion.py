@@ -6,7 +6,7 @@ The fused score of a candidate is ``w · f`` over the features of
 candidates and a "none of these" outcome with its own fitted score. The weights are
 the maximum-likelihood ones (a conditional logit: the log-likelihood is concave in
 ``w``, so Newton's method finds the one optimum; a small L2 term keeps it finite) on
-the development data of :mod:`tools.dev_sets` only — held-apart cloze passages that
+the development data of :mod:`tools.evaluation.dev_sets` only — held-apart cloze passages that
 ``tools evaluate`` does not measure, ChID ``dev_few_all.json``, the 16 everyday
 sentences. One weight set per kind of blank: one character, a longer blank (masked
 words), ``blank_length: "auto"``, and given fillers (``score_fillers``; ChID's idioms).
@@ -33,7 +33,7 @@ from tools import ToolError
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
 _SHARED_FEATURES = ("model", "lm", "mem_context", "mem_best", "mem_best5", "mem_best7", "mem_best11", "mem_cover",
                     "model_z", "lm_z", "mem_z", "model_oov")
@@ -150,9 +150,9 @@ class ChoiceQuery:
 
 def development_queries(data: Path, chid: Path | None, n_char: int, n_word: int, n_auto: int,
                         test_fraction: float = 0.02) -> dict[str, list]:
-    """The development queries by kind (see :mod:`tools.dev_sets`)."""
-    from tools import dev_sets
-    from tools.wwm import held_apart_passages
+    """The development queries by kind (see :mod:`tools.evaluation.dev_sets`)."""
+    from tools.evaluation import dev_sets
+    from tools.train.wwm import held_apart_passages
 
     log.info("held-apart passages of %s (test fraction %s)", data, test_fraction)
     passages = dev_sets.fit_passages(held_apart_passages(data, test_fraction))
@@ -163,7 +163,7 @@ def development_queries(data: Path, chid: Path | None, n_char: int, n_word: int,
         "auto": dev_sets.word_items(passages, n_auto, seed=3, lengths=(1, 2, 3, 4), auto=True),
     }
     if chid is not None and Path(chid).is_file():
-        from tools.evaluate import read_chid
+        from tools.evaluation.evaluate import read_chid
 
         sets["given"] = [ChoiceQuery(q.text, q.candidates, q.answer) for q in read_chid(chid)]
     else:
@@ -233,7 +233,7 @@ def _percentiles(times: list[float]) -> dict:
 def bench_latency(bundle: Path | None, threads: int | None, repeats: int = 5) -> dict:
     """Engine latency per query kind, fused and model-only (cache off, no batching wait)."""
     from edge.engine import Engine
-    from tools.presets import QUERIES
+    from tools.benchmark.presets import QUERIES
 
     engine = Engine.from_bundle(bundle, threads=threads, cache_size=0, batch_window_ms=0.0)
     out: dict = {"threads": engine.threads}
@@ -264,8 +264,8 @@ def bench_server_rss(bundle: Path | None, queries: int = 100) -> dict:
     import sys
     import urllib.request
 
-    from tools.dev_sets import EVERYDAY
-    from tools.presets import QUERIES
+    from tools.evaluation.dev_sets import EVERYDAY
+    from tools.benchmark.presets import QUERIES
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -39,8 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tools import ToolError, wwm
-from tools.pretrain import (DEFAULT_DATA, MASK_UNITS, SHAPE_HELP, Batches, _optimizer, lr_factor, make_config,
+from tools import ToolError
+from tools.train import wwm
+from tools.train.pretrain import (DEFAULT_DATA, MASK_UNITS, SHAPE_HELP, Batches, _optimizer, lr_factor, make_config,
                             parse_shape, save_checkpoint)
 
 log = logging.getLogger(__name__)
@@ -280,7 +281,7 @@ def augment_words(teacher, to_teacher, ids: np.ndarray, flags: np.ndarray, attn:
 
 # ------------------------------------------------------------------------- run
 def _load_teacher(args):
-    from tools.checkpoint import load_checkpoint, resolve_source
+    from tools.bundle.checkpoint import load_checkpoint, resolve_source
 
     source = resolve_source(args.teacher)
     teacher = load_checkpoint(source, revision=args.revision)

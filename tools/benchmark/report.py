@@ -7,8 +7,8 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from tools.bench_inputs import SETS
-from tools.bench_worker import SYSTEMS
+from tools.benchmark.inputs import SETS
+from tools.benchmark.worker import SYSTEMS
 
 SET_LABELS = {"short": "<=32 tokens, 1 blank", "long": "~128 tokens, 1 blank", "short_4": "<=32 tokens, 4-char blank"}
 

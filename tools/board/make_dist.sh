@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the offline install archive for 64-bit Raspberry Pi OS / Debian (aarch64).
 #
-#   tools/make_dist.sh [--bundle DIR]... [--python-versions "3.11 3.13"] [--out dist]
+#   tools/board/make_dist.sh [--bundle DIR]... [--python-versions "3.11 3.13"] [--out dist]
 #
 # The archive holds everything a board needs, with no internet there:
 #   wheels/    the fillmask-edge wheel (with the embedded default bundle when
@@ -16,7 +16,7 @@
 # Trixie; 32-bit (armhf) Pi OS is not supported (no onnxruntime wheels).
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PYTHON=${PYTHON:-}
 if [ -z "$PYTHON" ]; then
     if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON=$ROOT/.venv/bin/python; else PYTHON=python3; fi
@@ -109,7 +109,7 @@ step "downloading pip (to install into a venv made without pip)"
 
 # 4. Units, settings, scripts, docs.
 cp "$ROOT"/systemd/*.service "$ROOT"/systemd/fillmask-edge.default "$STAGE/systemd/"
-install -m 0755 "$ROOT/tools/install.sh" "$ROOT/tools/uninstall.sh" "$STAGE/"
+install -m 0755 "$ROOT/tools/board/install.sh" "$ROOT/tools/board/uninstall.sh" "$STAGE/"
 [ -f "$ROOT/README.md" ] && cp "$ROOT/README.md" "$STAGE/"
 {
     echo "name: fillmask-edge"

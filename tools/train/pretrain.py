@@ -1,7 +1,7 @@
 """``python -m tools pretrain``: train a compact Chinese BERT masked-LM from scratch.
 
 Whole-word masking (jieba words, BERT-wwm: 15% of tokens, 80/10/10) on the corpora
-of ``../shared/data`` (see :mod:`tools.wwm` for the data preparation and cache).
+of ``../shared/data`` (see :mod:`tools.train.wwm` for the data preparation and cache).
 Training is bounded by wall-clock time (``--max-minutes``, total over resumes): the
 learning rate warms up and then decays linearly over the *fraction of the time
 budget used* (or of ``--max-steps`` when given, whichever is further along), so a
@@ -40,12 +40,12 @@ from pathlib import Path
 import numpy as np
 
 from tools import ToolError
-from tools import wwm
-from tools.checkpoint import TRAINING_FILE, read_training_record
+from tools.train import wwm
+from tools.bundle.checkpoint import TRAINING_FILE, read_training_record
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
 DEFAULT_DATA = SHARED / "data"
 DEFAULT_BASE_VOCAB = SHARED / "models" / "bert-base-chinese" / "vocab.txt"
@@ -217,12 +217,12 @@ def grow_layers(model, layers: int):
 def map_vocabulary(model, folder: Path, have: list[str], tokens: list[str]) -> None:
     """Re-index ``model`` (in place) from its checkpoint's vocabulary ``have`` to
     ``tokens``: each token's embedding row and output bias are taken from the row of
-    the same token (:func:`tools.trim_vocab.trim_model`), so that training can go on
+    the same token (:func:`tools.bundle.trim_vocab.trim_model`), so that training can go on
     over data prepared with a different kept vocabulary (e.g. a model recovered from a
     bundle, whose vocabulary was chosen from another preparation of the corpus). Every
     token must be in the checkpoint, in the same relative order (both are taken from
     bert-base-chinese's vocabulary in its order)."""
-    from tools.trim_vocab import trim_model
+    from tools.bundle.trim_vocab import trim_model
 
     if len(have) != model.config.vocab_size:
         raise ToolError(f"--init-from {folder}: vocab.txt has {len(have)} tokens, the model "

@@ -39,11 +39,11 @@ from typing import IO, Iterator
 import numpy as np
 
 from tools import ToolError
-from tools.knowledge_args import add_output_arguments, check_bundle_folder, open_bundle_file
+from tools.knowledge.args import add_output_arguments, check_bundle_folder, open_bundle_file
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_ARPA = REPO.parent / "shared" / "data" / "lm" / "lm_sc.arpa-20220810.tar.xz"
 MAX_ORDER = 3
 CODE_LEVELS = 256

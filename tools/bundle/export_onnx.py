@@ -9,33 +9,10 @@ from pathlib import Path
 import torch
 
 from edge.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS, MASK_POSITIONS
+from tools.bundle.masked_lm import MaskedPositionsLM
 
 log = logging.getLogger(__name__)
 OPSET = 17
-
-
-class MaskedPositionsLM(torch.nn.Module):
-    """Wrap a ``*ForMaskedLM``: encoder over the whole sequence, MLM head only at
-    ``mask_positions`` (gathered before the head, so the ``hidden × vocab`` projection
-    runs for ``n_masks`` rows instead of ``seq``)."""
-
-    def __init__(self, mlm: torch.nn.Module):
-        super().__init__()
-        self.encoder = getattr(mlm, mlm.base_model_prefix)
-        heads = [m for name, m in mlm.named_children() if name != mlm.base_model_prefix]
-        if len(heads) != 1:
-            raise ValueError(f"cannot find the MLM head of {type(mlm).__name__}")
-        self.head = heads[0]
-
-    def forward(self, input_ids, attention_mask, mask_positions):
-        """Return logits ``[batch, n_masks, vocab]`` at ``mask_positions``."""
-        token_type_ids = torch.zeros_like(input_ids)
-        hidden = self.encoder(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-        )[0]
-        index = mask_positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-        picked = torch.gather(hidden, 1, index)
-        return self.head(picked)
 
 
 def example_inputs(vocab_size: int, batch: int = 2, seq: int = 16, n_masks: int = 2, seed: int = 0):
@@ -77,7 +54,7 @@ def export_onnx(mlm: torch.nn.Module, out_path: str | Path, opset: int = OPSET) 
 
 def add_arguments(parser) -> None:
     """Options of ``python -m tools export``."""
-    from tools.checkpoint import add_source_arguments
+    from tools.bundle.checkpoint import add_source_arguments
 
     add_source_arguments(parser)
     parser.add_argument("--out", required=True, type=Path, help="ONNX file to write")
@@ -88,9 +65,9 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     """Export a checkpoint (full vocabulary) to FP32 ONNX and check parity with PyTorch."""
     from tools import ToolError
-    from tools.checkpoint import load_checkpoint
-    from tools.quantize import optimize_model
-    from tools.verify import check_parity, ort_session
+    from tools.bundle.checkpoint import load_checkpoint
+    from tools.bundle.quantize import optimize_model
+    from tools.bundle.verify import check_parity, ort_session
 
     ckpt = load_checkpoint(args.source, random_init=args.random_init, seed=args.seed, revision=args.revision)
     out = Path(args.out)
