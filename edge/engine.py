@@ -13,7 +13,16 @@
   probability (the geometric mean, which is what ``score`` then reports).
 
 All forward passes go through the MicroBatcher, so concurrent requests share
-batches; an LRU cache answers repeated queries.
+batches; an LRU cache answers repeated queries; each request has a budget of model
+rows and time.
+
+With the bundle's word LM and phrase memory the answers are fused (:mod:`edge.fusion`):
+candidates from the model's one all-masked pass, the LM and the memory, scored with the
+fitted weights. Why this file is longer than the others (~800 lines): both search paths,
+model alone and fused, are methods of the one ``Engine``, because they share its
+session, tokenizer, window building, cache and request budget; what they compute lives
+elsewhere (the fusion arithmetic in :mod:`edge.fusion`, the LM in :mod:`edge.ngram_lm`,
+the memory in :mod:`edge.phrase_memory`, blank parsing in :mod:`edge.blanks`).
 """
 
 from __future__ import annotations

@@ -17,6 +17,10 @@ goes on; a port that disappears (USB adapter unplugged) is reopened with
 backoff. Modelled on pyserial's miniterm: a class handed an open port, with a
 named reader thread; the engine may be shared with the HTTP service.
 
+This module is the port and the session (opening and reopening the port, the reader
+thread, commands, the two modes); the line editing is :mod:`edge.serial_input`, what a
+person sees :mod:`edge.serial_render`.
+
 Wiring into the command line (``python -m edge serial PORT``)::
 
     sub = subparsers.add_parser("serial", help="serve a serial port")
@@ -34,235 +38,23 @@ import logging
 import signal
 import threading
 import time
-import unicodedata
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import serial
 
-from edge.blanks import find_blanks
-from edge.quotes import quote_line
+from edge.serial_input import Line, LineEditor
+from edge.serial_render import DEFAULT_MAX_LINE, HELP_TEXT, error_message, format_answer
 
 LOG = logging.getLogger("edge.serial")
 
 MODES = ("terminal", "line")
 DEFAULT_PROMPT = "填空> "
-DEFAULT_MAX_LINE = 1000  # characters; bounds memory, the engine has its own length limit
 READ_TIMEOUT_S = 0.2  # how often the reader wakes up to notice stop()
 WRITE_TIMEOUT_S = 5.0  # a peer that stops reading must not hang the reader forever
-LOW_CONFIDENCE_HINT = "上下文信息不足，建议补充更多背景"
-BAR_WIDTH = 20
-
-# Errors this front end raises itself (the engine's InputError codes pass through).
-MESSAGES = {
-    "invalid_utf8": "这一行含有无效的 UTF-8 字节，请用 UTF-8 编码发送 (line is not valid UTF-8)",
-    "line_too_long": "这一行超过 {limit} 个字符，已丢弃 (line longer than {limit} characters)",
-    "invalid_json": "JSON 无法解析：{detail} (line starts with '{{' but is not valid JSON)",
-    "bad_request": "{detail}",
-    "internal_error": "内部错误，请查看服务日志 (internal error, see the service log)",
-}
-
-HELP_TEXT = """\
-输入一个含有空格标记 [MASK] 的句子，回车后得到最可能的填空及其置信度。
-  例：床前明月光，疑是地[MASK]霜。
-  连续几个 [MASK] 组成一个词的空：今天天气很[MASK][MASK]。
-命令：
-  ? 或 help   显示本帮助
-  info        模型信息
-  top N       每个空显示 N 个候选（当前 {top_k}）
-编辑：退格键删除一个字，Ctrl-U 清空本行，Ctrl-C 取消本行。"""
 
 PARITIES = {"N": serial.PARITY_NONE, "E": serial.PARITY_EVEN, "O": serial.PARITY_ODD,
             "M": serial.PARITY_MARK, "S": serial.PARITY_SPACE}
 STOPBITS = {"1": serial.STOPBITS_ONE, "1.5": serial.STOPBITS_ONE_POINT_FIVE, "2": serial.STOPBITS_TWO}
-
-
-# -- line assembly --------------------------------------------------------------
-
-@dataclass
-class Line:
-    """A completed input line; ``error`` is set when it must not be run."""
-
-    text: str
-    error: str | None = None
-
-
-def char_width(char: str) -> int:
-    """Return how many terminal columns ``char`` takes (CJK: 2, combining: 0)."""
-    if unicodedata.combining(char):
-        return 0
-    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
-
-
-def _is_undecodable(char: str) -> bool:
-    # surrogateescape maps each invalid byte to U+DC80..U+DCFF; valid UTF-8
-    # never decodes to a lone surrogate, so these mark bad input exactly.
-    return "\udc80" <= char <= "\udcff"
-
-
-class LineEditor:
-    """Turns decoded characters into lines, with optional echo and editing.
-
-    ``feed`` yields events in order: ``("echo", text)`` to write back to the
-    terminal, ``("bell", "")`` and ``("line", Line)``. With ``editing`` off (line
-    mode) every character except the line ends is kept as sent. CR, LF and CRLF
-    each end one line.
-    """
-
-    def __init__(self, max_chars: int = DEFAULT_MAX_LINE, editing: bool = False, echo: bool = False):
-        self.max_chars = max_chars
-        self.editing = editing
-        self.echo = echo
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget the partial line (e.g. after the port was reopened)."""
-        self.chars: list[str] = []
-        self.overflow = False
-        self._after_cr = False
-        self._escape = ""  # "" | "esc" | "csi" | "ss3"
-
-    def _show(self, text: str) -> Iterator[tuple[str, Any]]:
-        if self.echo and text:
-            yield ("echo", text)
-
-    def _erase(self, count: int) -> Iterator[tuple[str, Any]]:
-        """Remove ``count`` characters from the end, erasing their columns."""
-        columns = 0
-        for _ in range(min(count, len(self.chars))):
-            char = self.chars.pop()
-            columns += 1 if _is_undecodable(char) else char_width(char)
-        yield from self._show("\b" * columns + " " * columns + "\b" * columns)
-
-    def _end_line(self) -> Line:
-        text = "".join(self.chars)
-        if self.overflow:
-            line = Line(text, "line_too_long")
-        elif any(_is_undecodable(c) for c in text):
-            line = Line(text, "invalid_utf8")
-        else:
-            line = Line(text)
-        self.chars = []
-        self.overflow = False
-        return line
-
-    def _escape_step(self, char: str) -> None:
-        """Swallow one character of an ANSI escape sequence (arrow keys etc.)."""
-        if self._escape == "esc":
-            self._escape = {"[": "csi", "O": "ss3"}.get(char, "")
-        elif self._escape == "ss3":
-            self._escape = ""
-        elif "\x40" <= char <= "\x7e":  # CSI final byte
-            self._escape = ""
-
-    def feed(self, text: str) -> Iterator[tuple[str, Any]]:
-        """Consume decoded characters; yield echo/bell/line events in order."""
-        for char in text:
-            after_cr, self._after_cr = self._after_cr, False
-            if char == "\n" and after_cr:
-                continue  # the LF of a CRLF pair
-            if char in "\r\n":
-                self._after_cr = char == "\r"
-                self._escape = ""
-                yield from self._show("\r\n")
-                yield ("line", self._end_line())
-                continue
-            if not self.editing:
-                self._append(char)
-                continue
-            if self._escape:
-                self._escape_step(char)
-            elif char == "\x1b":
-                self._escape = "esc"
-            elif char in ("\x08", "\x7f"):
-                yield from self._erase(1)
-            elif char == "\x15":  # Ctrl-U: kill the line
-                yield from self._erase(len(self.chars))
-                self.overflow = False
-            elif char == "\x03":  # Ctrl-C: cancel the line
-                self.chars, self.overflow = [], False
-                yield ("echo", "^C\r\n")
-                yield ("line", Line("", "cancelled"))
-            elif unicodedata.category(char) == "Cc" and not _is_undecodable(char):
-                continue  # other control characters (tab, NUL, bell) are ignored
-            else:
-                if not self._append(char):
-                    yield ("bell", "")
-                elif not self.overflow:
-                    yield from self._show("?" if _is_undecodable(char) else char)
-
-    def _append(self, char: str) -> bool:
-        """Add a character unless the line is full; return False when it was dropped."""
-        if len(self.chars) >= self.max_chars:
-            first = not self.overflow
-            self.overflow = True
-            return not first  # ring the bell once, stay quiet after
-        self.chars.append(char)
-        return True
-
-
-# -- formatting -----------------------------------------------------------------
-
-def _pad(text: str, columns: int) -> str:
-    """Pad ``text`` with spaces to ``columns`` terminal columns (CJK-aware)."""
-    width = sum(char_width(c) for c in text)
-    return text + " " * max(0, columns - width)
-
-
-def format_answer(text: str, result: dict[str, Any]) -> list[str]:
-    """Render an engine answer as terminal lines: per blank, candidates with bars."""
-    lines: list[str] = []
-    model = result.get("model") or {}
-    if model.get("random_init"):
-        lines.append("!! 警告：模型权重是随机初始化的，只能测速，答案没有意义 (random weights)")
-    blanks = result.get("blanks") or []
-    filled = fill_best(text, blanks)
-    if filled is not None:
-        lines.append(f"=> {filled}")
-    for number, blank in enumerate(blanks, 1):
-        if len(blanks) > 1:
-            lines.append(f"空 {number}（第 {blank['start'] + 1} 字）：")
-        candidates = blank.get("candidates") or []
-        columns = max([sum(char_width(c) for c in cand["text"]) for cand in candidates] + [2])
-        for rank, cand in enumerate(candidates, 1):
-            score = float(cand["score"])
-            filled_cells = round(max(0.0, min(1.0, score)) * BAR_WIDTH)
-            bar = "#" * filled_cells + "." * (BAR_WIDTH - filled_cells)
-            lines.append(f"  {rank}. {_pad(cand['text'], columns)}  [{bar}] {score * 100:5.1f}%")
-        quote = quote_line(candidates[0]) if candidates else None
-        if quote:
-            lines.append(f"  出处：{quote}")
-        if blank.get("low_confidence"):
-            lines.append(f"  ! {blank.get('hint') or LOW_CONFIDENCE_HINT}")
-    footer = f"用时 {float(result.get('elapsed_ms', 0.0)):.1f} ms"
-    if result.get("cached"):
-        footer += "（缓存）"
-    if result.get("truncated"):
-        footer += "；输入过长，已截断"
-    lines.append(footer)
-    return lines
-
-
-def fill_best(text: str, blanks: list[dict[str, Any]]) -> str | None:
-    """Return ``text`` with each blank's best candidate in 【】, or None if a blank is not found.
-
-    ``start`` in the answer is where the blank's mask run begins; ``length`` is the
-    filler's length, so the run's end is found again with the engine's own pattern.
-    """
-    runs = {blank.start: blank.end for blank in find_blanks(text)[1]}
-    filled = text
-    # Fill from the last blank backwards so earlier offsets stay valid.
-    for blank in sorted(blanks, key=lambda b: b["start"], reverse=True):
-        end = runs.get(blank["start"])
-        if end is None or not blank.get("candidates"):
-            return None
-        filled = filled[: blank["start"]] + f"【{blank['candidates'][0]['text']}】" + filled[end:]
-    return filled if blanks else None
-
-
-def error_message(code: str, detail: str = "", limit: int = DEFAULT_MAX_LINE) -> str:
-    """Return the message for one of this front end's own error codes."""
-    return MESSAGES[code].format(detail=detail, limit=limit)
 
 
 # -- the terminal ---------------------------------------------------------------

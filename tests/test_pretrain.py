@@ -294,7 +294,7 @@ def test_sigterm_stops_cleanly_and_saves_a_checkpoint(tiny_corpus, tmp_path):
 
 
 def test_sequence_length_schedule_parses_and_steps_up():
-    from tools.train.pretrain import parse_seq_schedule, seq_len_at
+    from tools.train.batches import parse_seq_schedule, seq_len_at
 
     schedule = parse_seq_schedule("16:0.3, 32:0.6", 128)
     assert schedule == [(16, 0.3), (32, 0.6), (128, 1.0)]
@@ -318,14 +318,14 @@ def test_tiny_pretrain_with_a_length_schedule_keeps_tokens_per_step(tiny_corpus,
 
 
 def test_mixed_masking_uses_character_masking_on_about_half_the_rows(tiny_corpus, tmp_path):
-    from tools.train import pretrain
+    from tools.train import batches
 
     run_dir = tmp_path / "run"
     assert _pretrain(tiny_corpus, run_dir, "--prepare-only") == 0
     tokenizer = wwm.make_tokenizer(run_dir / "data" / "vocab.txt")
     prepared = wwm.load_prepared(run_dir / "data")
-    word = pretrain.Batches(prepared, tokenizer, 32, 64, 0, 0.15)
-    mixed = pretrain.Batches(prepared, tokenizer, 32, 64, 0, 0.15, mask_unit="mixed")
+    word = batches.Batches(prepared, tokenizer, 32, 64, 0, 0.15)
+    mixed = batches.Batches(prepared, tokenizer, 32, 64, 0, 0.15, mask_unit="mixed")
     _, word_flags, _ = word.unmasked(3)
     ids, mixed_flags, _ = mixed.unmasked(3)
     all_chars = (mixed_flags == 1).all(axis=1)
@@ -366,7 +366,7 @@ def test_init_from_with_more_layers_grows_the_checkpoint_by_stacking(tiny_corpus
     import torch
     from transformers import BertForMaskedLM
 
-    from tools.train.pretrain import grow_layers
+    from tools.train.model_init import grow_layers
 
     first, grown_run = tmp_path / "first", tmp_path / "grown"
     assert _pretrain(tiny_corpus, first, "--max-steps", "4") == 0
@@ -403,7 +403,7 @@ def test_init_from_with_more_layers_grows_the_checkpoint_by_stacking(tiny_corpus
 
 
 def test_phases_recorded_before_shape_was_a_phase_field_get_the_record_shape(tmp_path):
-    from tools.train.pretrain import earlier_phases
+    from tools.train.model_init import earlier_phases
 
     record = {"shape": "4x128x4x512", "phases": [{"steps": 1}, {"steps": 2, "shape": "2x32x2x64"}]}
     (tmp_path / "training.json").write_text(json.dumps(record), encoding="utf-8")
@@ -438,7 +438,7 @@ def test_init_from_maps_another_vocabulary_by_token(tiny_corpus, tmp_path, capsy
     import torch
     from transformers import BertForMaskedLM
 
-    from tools.train.pretrain import init_from_checkpoint
+    from tools.train.model_init import init_from_checkpoint
 
     first = tmp_path / "first"
     assert _pretrain(tiny_corpus, first, "--max-steps", "4") == 0

@@ -19,6 +19,7 @@ import pytest
 
 pytest.importorskip("serial")
 
+from edge import serial_input, serial_render  # noqa: E402
 from edge import serial_terminal as st  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -86,18 +87,18 @@ PROMPT = st.DEFAULT_PROMPT.encode()
 
 # -- line editing (no port) ------------------------------------------------------
 
-def events(editor: st.LineEditor, text: str):
+def events(editor: serial_input.LineEditor, text: str):
     return list(editor.feed(text))
 
 
 def test_line_endings_cr_lf_crlf():
-    editor = st.LineEditor()
+    editor = serial_input.LineEditor()
     lines = [v.text for k, v in events(editor, "a\rb\nc\r\nd\n\n") if k == "line"]
     assert lines == ["a", "b", "c", "d", ""]  # CRLF is one end of line, LF LF two
 
 
 def test_backspace_erases_whole_wide_character():
-    editor = st.LineEditor(editing=True, echo=True)
+    editor = serial_input.LineEditor(editing=True, echo=True)
     out = events(editor, "ab中\x7f\x08")
     echoed = "".join(v for k, v in out if k == "echo")
     # 中 takes two columns, b one: each erased with backspace-space-backspace.
@@ -107,13 +108,13 @@ def test_backspace_erases_whole_wide_character():
 
 
 def test_escape_sequences_and_controls_are_swallowed():
-    editor = st.LineEditor(editing=True, echo=True)
+    editor = serial_input.LineEditor(editing=True, echo=True)
     out = events(editor, "a\x1b[A\x1b[1;5C\x1bOPb\tc\x00\r")
     assert [v.text for k, v in out if k == "line"] == ["abc"]
 
 
 def test_ctrl_u_and_ctrl_c():
-    editor = st.LineEditor(editing=True, echo=True)
+    editor = serial_input.LineEditor(editing=True, echo=True)
     out = events(editor, "错字\x15对\r")
     assert [v.text for k, v in out if k == "line"] == ["对"]
     out = events(editor, "算了\x03")
@@ -121,7 +122,7 @@ def test_ctrl_u_and_ctrl_c():
 
 
 def test_overflow_rings_once_and_rejects_line():
-    editor = st.LineEditor(max_chars=3, editing=True, echo=True)
+    editor = serial_input.LineEditor(max_chars=3, editing=True, echo=True)
     out = events(editor, "abcdef\r")
     assert [k for k, _ in out].count("bell") == 1
     assert "".join(v for k, v in out if k == "echo") == "abc\r\n"
@@ -135,7 +136,7 @@ def test_invalid_bytes_mark_line_and_can_be_erased():
     import codecs
 
     decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
-    editor = st.LineEditor(editing=True, echo=True)
+    editor = serial_input.LineEditor(editing=True, echo=True)
     text = decoder.decode(b"x\xff")
     out = events(editor, text + "\r")
     assert [v.error for k, v in out if k == "line"] == ["invalid_utf8"]
@@ -146,13 +147,13 @@ def test_invalid_bytes_mark_line_and_can_be_erased():
 
 def test_format_answer_table():
     engine = FakeEngine()
-    lines = st.format_answer(POEM, engine.predict(POEM, top_k=2))
+    lines = serial_render.format_answer(POEM, engine.predict(POEM, top_k=2))
     assert lines[0] == "=> 床前明月光，疑是地【上】霜。"
     assert "81.0%" in lines[1] and "[################....]" in lines[1]
     assert lines[2].strip().startswith("2. 下")
-    low = st.format_answer("天气[MASK][MASK]", engine.predict("天气[MASK][MASK]"))
-    assert any(st.LOW_CONFIDENCE_HINT in line for line in low)
-    loud = st.format_answer(POEM, FakeEngine(random_init=True).predict(POEM))
+    low = serial_render.format_answer("天气[MASK][MASK]", engine.predict("天气[MASK][MASK]"))
+    assert any(serial_render.LOW_CONFIDENCE_HINT in line for line in low)
+    loud = serial_render.format_answer(POEM, FakeEngine(random_init=True).predict(POEM))
     assert "随机" in loud[0]
 
 
@@ -205,7 +206,7 @@ def test_terminal_editing_help_errors_and_recovery(peer):
         peer.read_until(PROMPT)
         peer.send("今天天气很[MASK][MASK]。\r".encode())
         out = peer.read_until(PROMPT).decode()
-        assert st.LOW_CONFIDENCE_HINT in out
+        assert serial_render.LOW_CONFIDENCE_HINT in out
         assert "3." not in out and engine.calls[-1]["top_k"] == 2
         assert terminal.alive
     finally:
@@ -260,7 +261,7 @@ def test_line_mode_protocol(peer):
         assert error["error"] == "no_blank" and "[MASK]" in error["message"]
         peer.send(b"BOOM[MASK]\n")
         assert read_json(peer)["error"] == "internal_error"
-        peer.send(b"x" * (st.DEFAULT_MAX_LINE + 5) + b"\n")
+        peer.send(b"x" * (serial_render.DEFAULT_MAX_LINE + 5) + b"\n")
         assert read_json(peer)["error"] == "line_too_long"
         peer.send(POEM.encode() + b"\n")
         assert read_json(peer)["cached"] is True  # still serving after every error

@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_of(manifest: Manifest, vocab_size: int):
     """The ``BertConfig`` a bundle's manifest describes."""
-    from tools.train.pretrain import make_config
+    from tools.train.model_init import make_config
 
     arch = manifest.architecture
     if arch.model_type != "bert":

@@ -41,8 +41,9 @@ import numpy as np
 
 from tools import ToolError
 from tools.train import wwm
-from tools.train.pretrain import (DEFAULT_DATA, MASK_UNITS, SHAPE_HELP, Batches, _optimizer, lr_factor, make_config,
-                            parse_shape, save_checkpoint)
+from tools.train.batches import MASK_UNITS, Batches, lr_factor, make_optimizer
+from tools.train.model_init import SHAPE_HELP, make_config, parse_shape
+from tools.train.pretrain import DEFAULT_DATA, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -371,7 +372,7 @@ def run(args: argparse.Namespace) -> int:
         for stage, share in zip(stages, shares):
             student.train()
             trainable = distiller.trainable(stage)
-            optimizer = _optimizer(trainable, args.lr, args.weight_decay)
+            optimizer = make_optimizer(trainable, args.lr, args.weight_decay)
             budget_s = args.max_minutes * 60 * share
             budget_steps = max(1, round(args.max_steps * share)) if args.max_steps else None
             stage_start, stage_steps = state["elapsed"], 0

@@ -37,11 +37,14 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 
 from tools import ToolError
+from tools.bundle.checkpoint import TRAINING_FILE
 from tools.train import wwm
-from tools.bundle.checkpoint import TRAINING_FILE, read_training_record
+from tools.train.batches import (MASK_UNITS, Batches, lr_factor, make_optimizer, masked_lm_loss, parse_seq_schedule,
+                                 seq_len_at)
+from tools.train.model_init import (DEFAULT_SHAPE, SHAPE_HELP, earlier_phases, init_from_checkpoint, make_config,
+                                    parse_shape, replayed_phase, shape_of, with_phases)
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +52,6 @@ REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
 DEFAULT_DATA = SHARED / "data"
 DEFAULT_BASE_VOCAB = SHARED / "models" / "bert-base-chinese" / "vocab.txt"
-MASK_UNITS = ("word", "char", "mixed")
-SHAPE_HELP = "LAYERSxHIDDENxHEADSxINTERMEDIATE, e.g. 4x256x4x1024"
-DEFAULT_SHAPE = "4x256x4x1024"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -106,313 +106,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--measure-seconds", type=float, default=20.0, help="time per shape for --measure")
 
 
-def parse_shape(text: str) -> tuple[int, int, int, int]:
-    """Parse ``LxHxAxI`` (layers, hidden, heads, intermediate)."""
-    try:
-        layers, hidden, heads, inter = (int(x) for x in text.lower().split("x"))
-    except ValueError:
-        raise ToolError(f"--shape {text!r}: expected {SHAPE_HELP}") from None
-    if min(layers, hidden, heads, inter) <= 0 or hidden % heads:
-        raise ToolError(f"--shape {text!r}: sizes must be positive and hidden divisible by heads")
-    return layers, hidden, heads, inter
-
-
-def make_config(shape: str, vocab_size: int, max_position: int, dropout: float, pad_id: int):
-    """A ``BertConfig`` of the given shape."""
-    from transformers import BertConfig
-
-    layers, hidden, heads, inter = parse_shape(shape)
-    return BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
-                      num_attention_heads=heads, intermediate_size=inter,
-                      max_position_embeddings=max_position, type_vocab_size=2,
-                      hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
-                      pad_token_id=pad_id, architectures=["BertForMaskedLM"])
-
-
-def masked_lm_loss(model, input_ids, attention_mask, labels):
-    """Loss and (correct, total) over masked tokens; the vocabulary projection runs
-    only at masked positions (15% of the tokens), which is what the bundle does too."""
-    import torch.nn.functional as F
-
-    hidden = model.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    selected = labels != -100
-    logits = model.cls(hidden[selected]).float()
-    target = labels[selected]
-    loss = F.cross_entropy(logits, target)
-    correct = (logits.argmax(-1) == target).sum()
-    return loss, correct, target.numel()
-
-
-def parse_seq_schedule(text: str, final_len: int) -> list[tuple[int, float]]:
-    """``'16:0.3,32:0.7'`` → ``[(16, 0.3), (32, 0.7), (final_len, 1.0)]``.
-
-    Short sequences first: at the start attention is nearly uniform, so in a short
-    sequence the average over the context already says something about the blank and
-    the model leaves the unigram plateau sooner (measured here: 2×128 model, loss 5.36
-    after 1,200 steps at length 16 against 5.95 at length 64, same tokens per step)."""
-    phases: list[tuple[int, float]] = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        try:
-            length, until = part.split(":")
-            phase = (int(length), float(until))
-        except ValueError:
-            raise ToolError(f"--seq-schedule: {part!r} is not LENGTH:FRACTION") from None
-        if not (3 <= phase[0] <= final_len) or not (0 < phase[1] < 1):
-            raise ToolError(f"--seq-schedule: {part!r} needs 3 ≤ LENGTH ≤ --seq-len and 0 < FRACTION < 1")
-        if phases and (phase[1] <= phases[-1][1]):
-            raise ToolError("--seq-schedule: fractions must increase")
-        phases.append(phase)
-    return phases + [(final_len, 1.0)]
-
-
-def seq_len_at(schedule: list[tuple[int, float]], progress: float) -> int:
-    """The sequence length the schedule prescribes at ``progress`` (0–1)."""
-    for length, until in schedule:
-        if progress < until:
-            return length
-    return schedule[-1][0]
-
-
-def shape_of(config) -> str:
-    """The ``LxHxAxI`` shape string of a ``BertConfig``."""
-    return (f"{config.num_hidden_layers}x{config.hidden_size}x{config.num_attention_heads}"
-            f"x{config.intermediate_size}")
-
-
-def grow_layers(model, layers: int):
-    """A deeper copy of ``model`` with ``layers`` encoder layers, stacked on top of its
-    own (progressive stacking: Gong et al. 2019, "Efficient training of BERT by
-    progressively stacking"). Added layer i starts as a copy of layer i mod n, except
-    that its two residual branches' output projections are zero and its LayerNorms
-    plain (weight 1, bias 0): it then only re-normalises what it is given, so the grown
-    model starts with about the shallow one's loss (growing the phase-5 4×128 to 6
-    layers: 3.86 before and after; plain copies, to 8 layers: 6.9), and its query/key/value
-    and feed-forward input weights already hold learned features. Embeddings and the
-    masked-LM head are copied."""
-    import copy
-
-    import torch
-    from transformers import BertForMaskedLM
-
-    n = model.config.num_hidden_layers
-    config = copy.deepcopy(model.config)
-    config.num_hidden_layers = layers
-    grown = BertForMaskedLM(config)
-    # Embeddings, layers 0..n-1 and the head by name; only the added layers are missing.
-    missing = grown.load_state_dict(model.state_dict(), strict=False).missing_keys
-    assert all(key.startswith("bert.encoder.layer.") for key in missing), missing
-    with torch.no_grad():
-        for index in range(n, layers):
-            layer = grown.bert.encoder.layer[index]
-            layer.load_state_dict(model.bert.encoder.layer[index % n].state_dict())
-            for dense in (layer.attention.output.dense, layer.output.dense):
-                dense.weight.zero_()
-                dense.bias.zero_()
-            for norm in (layer.attention.output.LayerNorm, layer.output.LayerNorm):
-                norm.weight.fill_(1.0)
-                norm.bias.zero_()
-    return grown
-
-
-def map_vocabulary(model, folder: Path, have: list[str], tokens: list[str]) -> None:
-    """Re-index ``model`` (in place) from its checkpoint's vocabulary ``have`` to
-    ``tokens``: each token's embedding row and output bias are taken from the row of
-    the same token (:func:`tools.bundle.trim_vocab.trim_model`), so that training can go on
-    over data prepared with a different kept vocabulary (e.g. a model recovered from a
-    bundle, whose vocabulary was chosen from another preparation of the corpus). Every
-    token must be in the checkpoint, in the same relative order (both are taken from
-    bert-base-chinese's vocabulary in its order)."""
-    from tools.bundle.trim_vocab import trim_model
-
-    if len(have) != model.config.vocab_size:
-        raise ToolError(f"--init-from {folder}: vocab.txt has {len(have)} tokens, the model "
-                        f"{model.config.vocab_size} embedding rows")
-    index = {t: i for i, t in enumerate(have)}
-    missing = [t for t in tokens if t not in index]
-    if missing:
-        raise ToolError(f"--init-from {folder}: {len(missing)} tokens of the prepared data are not in its "
-                        f"vocabulary (e.g. {missing[:5]})")
-    try:
-        trim_model(model, [index[t] for t in tokens])
-    except ValueError as exc:
-        raise ToolError(f"--init-from {folder}: its vocabulary orders the tokens differently ({exc})") from exc
-    log.info("vocabulary mapped by token: %d → %d rows (%d dropped)", len(have), len(tokens),
-             len(have) - len(tokens))
-
-
-def init_from_checkpoint(folder: Path, tokens: list[str], max_position: int, shape: str | None = None):
-    """Weights of an earlier run to continue from, re-indexed by token when its
-    vocabulary is not ``tokens`` (the prepared data's), with the position table cut
-    to ``max_position`` when that is shorter, and grown to ``shape`` by stacking its
-    layers when that asks for more layers of the same width."""
-    import torch
-    from transformers import BertForMaskedLM
-
-    if not (Path(folder) / "config.json").is_file():
-        raise ToolError(f"--init-from {folder}: no config.json (not a checkpoint folder)")
-    model = BertForMaskedLM.from_pretrained(folder)
-    have = wwm.read_vocab(Path(folder) / "vocab.txt")
-    if have != list(tokens):
-        map_vocabulary(model, folder, have, list(tokens))
-    old = model.config.max_position_embeddings
-    if max_position > old:
-        raise ToolError(f"--init-from {folder}: has {old} positions, --max-position {max_position} asks for more")
-    if max_position < old:
-        emb = model.bert.embeddings
-        table = torch.nn.Embedding(max_position, model.config.hidden_size)
-        with torch.no_grad():
-            table.weight.copy_(emb.position_embeddings.weight[:max_position])
-        emb.position_embeddings = table
-        model.config.max_position_embeddings = max_position
-    log.info("starting from %s (%d positions → %d)", folder, old, max_position)
-    have = shape_of(model.config)
-    if shape and parse_shape(shape) != parse_shape(have):
-        layers, *width = parse_shape(shape)
-        n, *have_width = parse_shape(have)
-        if width != have_width or layers < n:
-            raise ToolError(f"--init-from {folder}: its shape is {have}; --shape {shape} can only add layers to it "
-                            "(same hidden, heads and intermediate sizes)")
-        log.info("growing %s → %s: added layer i starts as layer i mod %d with zero output projections",
-                 have, shape, n)
-        model = grow_layers(model, layers)
-    return model
-
-
-# What each phase of a chain of runs (--init-from) records about itself.
-PHASE_FIELDS = ("objective", "shape", "init_from", "seq_len", "seq_schedule", "batch_size", "lr", "seed", "steps",
-                "tokens_seen", "train_minutes", "device")
-
-
-def earlier_phases(folder: Path | None) -> list[dict]:
-    """The training phases behind the checkpoint a run continues from (oldest first),
-    read from its training.json; [] for a fresh run or a checkpoint with no record
-    (e.g. one from the hub), whose training is then not counted in the totals."""
-    info = read_training_record(folder) if folder is not None else None
-    if info is None:
-        return []
-    if info.get("phases"):
-        # Phases recorded before the shape was a phase field all had the record's shape
-        # (a chain could not change shape then).
-        return [{**phase, "shape": phase.get("shape") or info.get("shape")} for phase in info["phases"]]
-    return [{k: info.get(k) for k in PHASE_FIELDS}]  # a record written before phases were kept
-
-
-def replayed_phase(earlier: list[dict], seed: int, seq_len: int, batch_size: int,
-                   seq_schedule: str | None) -> int | None:
-    """Index (1-based) of an earlier phase whose batches a run would replay, or None.
-
-    The seed fixes both the chunk order and every mask (``Batches``), so a phase with
-    the same seed, length and batch size (neither with a length schedule) sees the same
-    batches with the same blanks, step for step: the model learns those blanks and its
-    logged loss falls without it getting better (phase 9 of the default model)."""
-    if seq_schedule:
-        return None
-    for i, phase in enumerate(earlier, 1):
-        if (phase.get("seed") == seed and phase.get("seq_len") == seq_len
-                and phase.get("batch_size") == batch_size and not phase.get("seq_schedule")):
-            return i
-    return None
-
-
-def with_phases(info: dict, earlier: list[dict]) -> dict:
-    """``info`` plus ``phases`` (earlier ones + this run) and the totals over them, so a
-    model trained in several runs says how long it was trained in all."""
-    phases = earlier + [{k: info.get(k) for k in PHASE_FIELDS}]
-    return {**info, "phases": phases,
-            "total_train_minutes": round(sum(p.get("train_minutes") or 0 for p in phases), 2),
-            "total_tokens_seen": sum(p.get("tokens_seen") or 0 for p in phases),
-            "total_steps": sum(p.get("steps") or 0 for p in phases)}
-
-
-def lr_factor(progress: float, warmup: float) -> float:
-    """Linear warm-up to 1 over ``warmup`` of the progress, then linear decay to 0."""
-    progress = min(max(progress, 0.0), 1.0)
-    if warmup > 0 and progress < warmup:
-        return progress / warmup
-    return max(0.0, (1.0 - progress) / max(1e-9, 1.0 - warmup))
-
-
-class Batches:
-    """Seeded, resumable batches: chunk order is a permutation per epoch, masks are
-    drawn from a generator seeded by (seed, step)."""
-
-    def __init__(self, prepared: wwm.Prepared, tokenizer, seq_len: int, batch_size: int, seed: int,
-                 mask_prob: float, mask_unit: str = "word"):
-        self.prepared = prepared
-        self.seq_len = seq_len
-        self.batch_size = batch_size
-        self.seed = seed
-        self.mask_prob = mask_prob
-        if mask_unit not in MASK_UNITS:
-            raise ValueError(f"mask_unit must be one of {MASK_UNITS}, got {mask_unit!r}")
-        self.mask_unit = mask_unit
-        self.starts = wwm.chunk_starts(len(prepared), seq_len - 2)
-        self.cls_id = tokenizer.cls_token_id
-        self.sep_id = tokenizer.sep_token_id
-        self.pad_id = tokenizer.pad_token_id
-        self.mask_id = tokenizer.mask_token_id
-        self.vocab_size = len(tokenizer.get_vocab())
-        self.never = [tokenizer.convert_tokens_to_ids(t) for t in wwm.SPECIALS]
-        self.random_ids = np.setdiff1d(np.arange(self.vocab_size), self.never)
-        self._epoch = -1
-        self._order = None
-
-    def steps_per_epoch(self) -> int:
-        """Steps in one pass over the chunks (the last partial batch wraps over)."""
-        return max(1, math.ceil(len(self.starts) / self.batch_size))
-
-    def _order_of(self, epoch: int) -> np.ndarray:
-        if epoch != self._epoch:
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(len(self.starts))
-            self._epoch = epoch
-        return self._order
-
-    def unmasked(self, step: int):
-        """The sequences of ``step`` before masking: (ids, word_start flags, attention mask)."""
-        per_epoch = self.steps_per_epoch()
-        epoch, index = divmod(step, per_epoch)
-        order = self._order_of(epoch)
-        picks = order[np.arange(index * self.batch_size, (index + 1) * self.batch_size) % len(order)]
-        ids, flags, attn = wwm.make_batch(self.prepared, self.starts[picks], self.seq_len,
-                                          self.cls_id, self.sep_id, self.pad_id)
-        if self.mask_unit == "mixed":
-            # Half the rows (seeded per step) with character masking: whole-word masking
-            # alone never shows a word with one character visible and one masked
-            # (咖[MASK] → 啡), which is exactly what a user's single-character blank is.
-            rows = np.random.default_rng([self.seed, 2_000_003, step]).random(len(flags)) < 0.5
-            flags[rows] = 1
-        elif self.mask_unit == "char":
-            flags[:] = 1  # every token a word of its own: token-level masking
-        return ids, flags, attn
-
-    def mask(self, ids: np.ndarray, flags: np.ndarray, step: int):
-        """Whole-word mask ``ids`` with the generator of ``step``: (inputs, labels)."""
-        rng = np.random.default_rng([self.seed, 1_000_003, step])
-        return wwm.mask_batch(ids, flags, rng, self.mask_id, self.vocab_size, self.never,
-                              self.mask_prob, self.random_ids)
-
-    def get(self, step: int):
-        """The masked batch of ``step`` (deterministic): (inputs, attention mask, labels)."""
-        ids, flags, attn = self.unmasked(step)
-        inputs, labels = self.mask(ids, flags, step)
-        return inputs, attn, labels
-
-
-def _optimizer(named_parameters, lr: float, weight_decay: float):
-    """AdamW as BERT is trained: biases and LayerNorm weights not decayed."""
-    import torch
-
-    decay, no_decay = [], []
-    for name, param in named_parameters:
-        if not param.requires_grad:
-            continue
-        # Biases and LayerNorm weights are not decayed (BERT recipe).
-        (no_decay if param.ndim < 2 or "LayerNorm" in name else decay).append(param)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=lr, betas=(0.9, 0.98), eps=1e-6)
-
-
 def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, state: dict, training_info: dict) -> Path:
     """Write ``checkpoint/`` (HF folder) and ``state.pt`` atomically (tmp + rename)."""
     import torch
@@ -454,7 +147,7 @@ def measure_shapes(args, prepared: wwm.Prepared, tokenizer) -> list[dict]:
                              tokenizer.pad_token_id)
         model = BertForMaskedLM(config).to(args.device)
         model.train()
-        opt = _optimizer(model.named_parameters(), args.lr, args.weight_decay)
+        opt = make_optimizer(model.named_parameters(), args.lr, args.weight_decay)
         params = sum(p.numel() for p in model.parameters())
         step, tokens, started = 0, 0, None
         while True:
@@ -483,17 +176,11 @@ def measure_shapes(args, prepared: wwm.Prepared, tokenizer) -> list[dict]:
 def run(args: argparse.Namespace) -> int:
     """Prepare the data (cached), then train until the time or step budget is used."""
     import torch
-    from transformers import BertForMaskedLM
 
     torch.set_num_threads(max(1, args.threads))
     run_dir: Path = args.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    if args.seq_len > args.max_position:
-        raise ToolError(f"--seq-len {args.seq_len} exceeds --max-position {args.max_position}")
-    if not (0 < args.mask_prob < 1):
-        raise ToolError("--mask-prob must be between 0 and 1")
-    if args.shape:
-        parse_shape(args.shape)
+    _check_options(args)
     data_dir = run_dir / "data"
     meta = wwm.prepare_corpus(args.data, data_dir, args.base_vocab, args.test_fraction,
                               args.min_freq, args.max_vocab)
@@ -504,13 +191,35 @@ def run(args: argparse.Namespace) -> int:
     if args.measure:
         measure_shapes(args, prepared, tokenizer)
         return 0
-
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ToolError(f"--device {args.device}: no CUDA device is available")
     torch.manual_seed(args.seed)
-    ckpt_dir, state_path = run_dir / "checkpoint", run_dir / "state.pt"
     earlier = earlier_phases(args.init_from)  # read once: the seed check and the phase record
+    model, state, saved = _starting_model(args, tokenizer, earlier)
+    args.shape = shape_of(model.config)  # what is trained, whichever way it was made
+    trainer = Trainer(args, model, tokenizer, prepared, device, state, meta, earlier)
+    if saved is not None:
+        trainer.optimizer.load_state_dict(saved["optimizer"])
+    return trainer.train()
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    if args.seq_len > args.max_position:
+        raise ToolError(f"--seq-len {args.seq_len} exceeds --max-position {args.max_position}")
+    if not (0 < args.mask_prob < 1):
+        raise ToolError("--mask-prob must be between 0 and 1")
+    if args.shape:
+        parse_shape(args.shape)
+
+
+def _starting_model(args: argparse.Namespace, tokenizer, earlier: list[dict]):
+    """(model, state, saved state or None): resumed from the run's checkpoint, grown from
+    ``--init-from``, or fresh of ``--shape``."""
+    import torch
+    from transformers import BertForMaskedLM
+
+    ckpt_dir, state_path = args.run_dir / "checkpoint", args.run_dir / "state.pt"
     state = {"step": 0, "elapsed": 0.0, "tokens": 0, "masked": 0}
     if args.resume:
         if not (ckpt_dir / "config.json").is_file() or not state_path.is_file():
@@ -521,130 +230,161 @@ def run(args: argparse.Namespace) -> int:
             state[key] = saved[key]
         log.info("resuming %s at step %d (%.1f min trained, %.2f M tokens)", ckpt_dir, state["step"],
                  state["elapsed"] / 60, state["tokens"] / 1e6)
-    else:
-        if state_path.exists():
-            raise ToolError(f"{run_dir} already holds a run (state.pt); use --resume or another --run-dir")
-        if args.init_from:
-            replayed = replayed_phase(earlier, args.seed, args.seq_len, args.batch_size, args.seq_schedule)
-            if replayed and not args.reuse_seed:
-                raise ToolError(f"--seed {args.seed}: {args.init_from} was trained with seed {args.seed}, length "
-                                f"{args.seq_len} and batch size {args.batch_size} in its phase {replayed}; this run "
-                                "would replay those batches with the same blanks. Pick another --seed "
-                                "(or pass --reuse-seed)")
-            tokens = [t for t, _ in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])]
-            model = init_from_checkpoint(args.init_from, tokens, args.max_position, args.shape)
-        else:
-            config = make_config(args.shape or DEFAULT_SHAPE, len(tokenizer.get_vocab()), args.max_position,
-                                 args.dropout, tokenizer.pad_token_id)
-            model = BertForMaskedLM(config)
-    args.shape = shape_of(model.config)  # what is trained, whichever way it was made
-    model.to(device)
-    model.train()
-    optimizer = _optimizer(model.named_parameters(), args.lr, args.weight_decay)
-    if args.resume:
-        optimizer.load_state_dict(saved["optimizer"])
-    params = sum(p.numel() for p in model.parameters())
-    schedule = parse_seq_schedule(args.seq_schedule, args.seq_len)
-    batch_tokens = args.batch_size * args.seq_len
-    phases: dict[int, Batches] = {}
+        return model, state, saved
+    if state_path.exists():
+        raise ToolError(f"{args.run_dir} already holds a run (state.pt); use --resume or another --run-dir")
+    if args.init_from:
+        replayed = replayed_phase(earlier, args.seed, args.seq_len, args.batch_size, args.seq_schedule)
+        if replayed and not args.reuse_seed:
+            raise ToolError(f"--seed {args.seed}: {args.init_from} was trained with seed {args.seed}, length "
+                            f"{args.seq_len} and batch size {args.batch_size} in its phase {replayed}; this run "
+                            "would replay those batches with the same blanks. Pick another --seed "
+                            "(or pass --reuse-seed)")
+        tokens = [t for t, _ in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])]
+        return init_from_checkpoint(args.init_from, tokens, args.max_position, args.shape), state, None
+    config = make_config(args.shape or DEFAULT_SHAPE, len(tokenizer.get_vocab()), args.max_position,
+                         args.dropout, tokenizer.pad_token_id)
+    return BertForMaskedLM(config), state, None
 
-    def batches_for(seq_len: int) -> Batches:
-        if seq_len not in phases:
-            phases[seq_len] = Batches(prepared, tokenizer, seq_len, max(1, batch_tokens // seq_len), args.seed,
-                                      args.mask_prob, mask_unit=args.mask_unit)
-        return phases[seq_len]
 
-    batches = batches_for(args.seq_len)
-    budget = args.max_minutes * 60
-    log.info("model %s: %.2f M parameters, vocab %d; %d tokens, %d chunks of %d, %d steps/epoch; "
-             "budget %.1f min%s, device %s, threads %d", args.shape, params / 1e6, len(tokenizer.get_vocab()),
-             len(prepared), len(batches.starts), args.seq_len, batches.steps_per_epoch(), args.max_minutes,
-             f", max {args.max_steps} steps" if args.max_steps else "", device, torch.get_num_threads())
+class Trainer:
+    """One pretraining run: steps until the time (or step) budget is used, with the
+    learning rate and sequence length on their schedules, a progress line every
+    ``--log-every`` steps (also to ``metrics.jsonl``), a checkpoint every
+    ``--checkpoint-minutes``, and a checkpoint at the end, on Ctrl-C or on SIGTERM."""
 
-    def progress() -> float:
-        p = state["elapsed"] / budget if budget > 0 else 1.0
-        if args.max_steps:
-            p = max(p, state["step"] / args.max_steps)
+    def __init__(self, args: argparse.Namespace, model, tokenizer, prepared: wwm.Prepared, device, state: dict,
+                 meta: dict, earlier: list[dict]):
+        import torch
+
+        self.args, self.model, self.tokenizer, self.prepared = args, model, tokenizer, prepared
+        self.device, self.state, self.meta, self.earlier = device, state, meta, earlier
+        model.to(device)
+        model.train()
+        self.optimizer = make_optimizer(model.named_parameters(), args.lr, args.weight_decay)
+        self.params = sum(p.numel() for p in model.parameters())
+        self.schedule = parse_seq_schedule(args.seq_schedule, args.seq_len)
+        self.batch_tokens = args.batch_size * args.seq_len
+        self.budget = args.max_minutes * 60
+        self.autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.bf16)
+        self.last_line: dict = {}
+        self._batches: dict[int, Batches] = {}
+
+    def batches_for(self, seq_len: int) -> Batches:
+        """The batches of one sequence length (the schedule moves between a few)."""
+        if seq_len not in self._batches:
+            a = self.args
+            self._batches[seq_len] = Batches(self.prepared, self.tokenizer, seq_len, max(1, self.batch_tokens // seq_len),
+                                             a.seed, a.mask_prob, mask_unit=a.mask_unit)
+        return self._batches[seq_len]
+
+    def progress(self) -> float:
+        """How far along the budget is, 0..1 (time, or steps where that is further)."""
+        p = self.state["elapsed"] / self.budget if self.budget > 0 else 1.0
+        if self.args.max_steps:
+            p = max(p, self.state["step"] / self.args.max_steps)
         return p
 
-    def training_info() -> dict:
-        unit = {"word": "whole-word (jieba)", "char": "token",
-                "mixed": "whole-word (jieba) on half the sequences, token on the other half"}[args.mask_unit]
-        return with_phases({"objective": f"masked LM, {unit} masking, {args.mask_prob:.0%} / 80-10-10",
-                "init_from": str(args.init_from) if args.init_from else None,
-                "corpus": str(args.data), "corpus_meta": meta, "shape": args.shape, "params": params,
-                "seq_len": args.seq_len, "seq_schedule": args.seq_schedule or None,
-                "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-                "steps": state["step"], "tokens_seen": state["tokens"], "masked_seen": state["masked"],
-                "train_minutes": round(state["elapsed"] / 60, 2), "device": str(device),
-                "threads": torch.get_num_threads(), "last": last_line}, earlier)
+    def training_info(self) -> dict:
+        """The ``training.json`` record of this run (and of the phases before it)."""
+        import torch
 
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.bf16)
-    metrics = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
-    window = {"loss": 0.0, "correct": 0, "masked": 0, "tokens": 0, "steps": 0, "t": time.monotonic()}
-    last_line: dict = {}
-    last_save = time.monotonic()
-    # SIGTERM (kill, systemd, a job runner) stops after the current step and saves,
-    # like Ctrl-C does, so --resume loses nothing.
-    stop_requested = threading.Event()
-    previous_handler = None
-    if threading.current_thread() is threading.main_thread():
-        previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.set())
-    try:
-        while progress() < 1.0 and (args.stop_at_step is None or state["step"] < args.stop_at_step):
-            if stop_requested.is_set():
-                log.warning("SIGTERM: saving a checkpoint at step %d and stopping", state["step"])
-                break
-            t_step = time.monotonic()
-            lr = args.lr * lr_factor(progress(), args.warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            seq_len = seq_len_at(schedule, progress())
-            batch_source = batches_for(seq_len)
-            inputs, attn, labels = (torch.from_numpy(x).to(device) for x in batch_source.get(state["step"]))
-            with autocast:
-                loss, correct, n_masked = masked_lm_loss(model, inputs, attn, labels)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if not math.isfinite(loss.item()):
-                raise ToolError(f"loss became {loss.item()} at step {state['step']}; lower --lr")
-            n_tokens = int(attn.sum())
-            state["step"] += 1
-            state["tokens"] += n_tokens
-            state["masked"] += n_masked
-            state["elapsed"] += time.monotonic() - t_step
-            window["loss"] += loss.item()
-            window["correct"] += int(correct)
-            window["masked"] += n_masked
-            window["tokens"] += n_tokens
-            window["steps"] += 1
-            if state["step"] % args.log_every == 0 or progress() >= 1.0:
-                now = time.monotonic()
-                last_line = {"step": state["step"], "loss": round(window["loss"] / window["steps"], 4),
-                             "mlm_acc": round(window["correct"] / max(window["masked"], 1), 4),
-                             "tokens_per_s": round(window["tokens"] / max(now - window["t"], 1e-9), 1),
-                             "lr": lr, "seq_len": seq_len, "epoch": round(state["tokens"] / len(prepared), 3),
-                             "tokens_seen": state["tokens"], "minutes": round(state["elapsed"] / 60, 2),
-                             "progress": round(progress(), 4)}
-                log.info("step %(step)d loss %(loss).4f acc %(mlm_acc).4f %(tokens_per_s).0f tok/s "
-                         "lr %(lr).2e len %(seq_len)d epoch %(epoch).3f %(minutes).1f min (%(progress).1f%%)",
-                         {**last_line, "progress": 100 * last_line["progress"]})
-                metrics.write(json.dumps(last_line) + "\n")
-                metrics.flush()
-                window = {"loss": 0.0, "correct": 0, "masked": 0, "tokens": 0, "steps": 0, "t": now}
-            if time.monotonic() - last_save >= args.checkpoint_minutes * 60:
-                save_checkpoint(run_dir, model, tokenizer, optimizer, state, training_info())
-                log.info("checkpoint saved at step %d → %s", state["step"], ckpt_dir)
-                last_save = time.monotonic()
-    except KeyboardInterrupt:
-        log.warning("interrupted: saving a checkpoint at step %d", state["step"])
-    finally:
-        metrics.close()
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
-    path = save_checkpoint(run_dir, model, tokenizer, optimizer, state, training_info())
-    log.info("done: %d steps, %.2f M tokens in %.1f min; final %s → %s", state["step"], state["tokens"] / 1e6,
-             state["elapsed"] / 60, json.dumps(last_line), path)
-    return 0
+        a, state = self.args, self.state
+        unit = {"word": "whole-word (jieba)", "char": "token",
+                "mixed": "whole-word (jieba) on half the sequences, token on the other half"}[a.mask_unit]
+        return with_phases({"objective": f"masked LM, {unit} masking, {a.mask_prob:.0%} / 80-10-10",
+                            "init_from": str(a.init_from) if a.init_from else None,
+                            "corpus": str(a.data), "corpus_meta": self.meta, "shape": a.shape, "params": self.params,
+                            "seq_len": a.seq_len, "seq_schedule": a.seq_schedule or None,
+                            "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed,
+                            "steps": state["step"], "tokens_seen": state["tokens"], "masked_seen": state["masked"],
+                            "train_minutes": round(state["elapsed"] / 60, 2), "device": str(self.device),
+                            "threads": torch.get_num_threads(), "last": self.last_line}, self.earlier)
+
+    def step(self) -> tuple[float, int, int, int, float, int]:
+        """One optimizer step: (loss, correct, masked, tokens, lr, sequence length)."""
+        import torch
+
+        a, state = self.args, self.state
+        started = time.monotonic()
+        lr = a.lr * lr_factor(self.progress(), a.warmup)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        seq_len = seq_len_at(self.schedule, self.progress())
+        inputs, attn, labels = (torch.from_numpy(x).to(self.device) for x in self.batches_for(seq_len).get(state["step"]))
+        with self.autocast:
+            loss, correct, n_masked = masked_lm_loss(self.model, inputs, attn, labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if not math.isfinite(loss.item()):
+            raise ToolError(f"loss became {loss.item()} at step {state['step']}; lower --lr")
+        n_tokens = int(attn.sum())
+        state["step"] += 1
+        state["tokens"] += n_tokens
+        state["masked"] += n_masked
+        state["elapsed"] += time.monotonic() - started
+        return loss.item(), int(correct), n_masked, n_tokens, lr, seq_len
+
+    def _progress_line(self, window: dict, lr: float, seq_len: int, now: float) -> dict:
+        state = self.state
+        line = {"step": state["step"], "loss": round(window["loss"] / window["steps"], 4),
+                "mlm_acc": round(window["correct"] / max(window["masked"], 1), 4),
+                "tokens_per_s": round(window["tokens"] / max(now - window["t"], 1e-9), 1),
+                "lr": lr, "seq_len": seq_len, "epoch": round(state["tokens"] / len(self.prepared), 3),
+                "tokens_seen": state["tokens"], "minutes": round(state["elapsed"] / 60, 2),
+                "progress": round(self.progress(), 4)}
+        log.info("step %(step)d loss %(loss).4f acc %(mlm_acc).4f %(tokens_per_s).0f tok/s "
+                 "lr %(lr).2e len %(seq_len)d epoch %(epoch).3f %(minutes).1f min (%(progress).1f%%)",
+                 {**line, "progress": 100 * line["progress"]})
+        return line
+
+    def train(self) -> int:
+        """Run to the end of the budget (or ``--stop-at-step``); save; return 0."""
+        import torch
+
+        a, state, run_dir = self.args, self.state, self.args.run_dir
+        first = self.batches_for(a.seq_len)
+        log.info("model %s: %.2f M parameters, vocab %d; %d tokens, %d chunks of %d, %d steps/epoch; "
+                 "budget %.1f min%s, device %s, threads %d", a.shape, self.params / 1e6, len(self.tokenizer.get_vocab()),
+                 len(self.prepared), len(first.starts), a.seq_len, first.steps_per_epoch(), a.max_minutes,
+                 f", max {a.max_steps} steps" if a.max_steps else "", self.device, torch.get_num_threads())
+        metrics = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
+        window = {"loss": 0.0, "correct": 0, "masked": 0, "tokens": 0, "steps": 0, "t": time.monotonic()}
+        last_save = time.monotonic()
+        # SIGTERM (kill, systemd, a job runner) stops after the current step and saves,
+        # like Ctrl-C does, so --resume loses nothing.
+        stop_requested = threading.Event()
+        previous_handler = None
+        if threading.current_thread() is threading.main_thread():
+            previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.set())
+        try:
+            while self.progress() < 1.0 and (a.stop_at_step is None or state["step"] < a.stop_at_step):
+                if stop_requested.is_set():
+                    log.warning("SIGTERM: saving a checkpoint at step %d and stopping", state["step"])
+                    break
+                loss, correct, n_masked, n_tokens, lr, seq_len = self.step()
+                for key, value in (("loss", loss), ("correct", correct), ("masked", n_masked),
+                                   ("tokens", n_tokens), ("steps", 1)):
+                    window[key] += value
+                if state["step"] % a.log_every == 0 or self.progress() >= 1.0:
+                    now = time.monotonic()
+                    self.last_line = self._progress_line(window, lr, seq_len, now)
+                    metrics.write(json.dumps(self.last_line) + "\n")
+                    metrics.flush()
+                    window = {"loss": 0.0, "correct": 0, "masked": 0, "tokens": 0, "steps": 0, "t": now}
+                if time.monotonic() - last_save >= a.checkpoint_minutes * 60:
+                    save_checkpoint(run_dir, self.model, self.tokenizer, self.optimizer, state, self.training_info())
+                    log.info("checkpoint saved at step %d → %s", state["step"], run_dir / "checkpoint")
+                    last_save = time.monotonic()
+        except KeyboardInterrupt:
+            log.warning("interrupted: saving a checkpoint at step %d", state["step"])
+        finally:
+            metrics.close()
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
+        path = save_checkpoint(run_dir, self.model, self.tokenizer, self.optimizer, state, self.training_info())
+        log.info("done: %d steps, %.2f M tokens in %.1f min; final %s → %s", state["step"], state["tokens"] / 1e6,
+                 state["elapsed"] / 60, json.dumps(self.last_line), path)
+        return 0
