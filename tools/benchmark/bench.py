@@ -350,7 +350,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: bert-base-random if run, else the first model)")
     parser.add_argument("--batch-window-ms", type=float, default=3.0, help="server batch window, batching-on config")
     parser.add_argument("--max-batch", type=int, default=16, help="server max batch, batching-on config")
-    parser.add_argument("--http-threads", type=int, default=8, help="waitress threads in the load test")
+    parser.add_argument("--http-threads", type=int, default=None,
+                        help="waitress threads in the load test (default: the server's own, max-active + max-waiting + 4)")
     parser.add_argument("--skip", default="", help="comma list of pipeline,ort-fp32,ours,agree,load to leave out")
     parser.add_argument("--rebuild", action="store_true", help="re-export / rebuild the cached models in OUT/work")
     parser.add_argument("--worker-timeout", type=float, default=900.0, help="seconds before a worker is killed")

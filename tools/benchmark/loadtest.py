@@ -70,6 +70,7 @@ class _Outcome:
     done: float = 0.0
     status: int = 0
     error: str = ""
+    shed: bool = False
 
 
 @dataclass
@@ -88,6 +89,8 @@ class RateResult:
     p99_ms: float
     max_ms: float
     mean_send_lag_ms: float
+    shed: int = 0  # answered 503 "overloaded" by the admission gate (not errors: the service said so at once)
+    shed_p99_ms: float = float("nan")  # how fast those refusals came back
     server_rss_before_mb: float | None = None
     server_rss_after_mb: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -101,8 +104,9 @@ def run_rate(host: str, port: int, texts: Callable[[int], str], rate: float, dur
              timeout_s: float = 30.0, top_k: int = 5) -> RateResult:
     """Offer ``rate`` requests/s for ``duration_s`` seconds (open loop) and wait for all.
 
-    ``texts(i)`` gives the text of request ``i``. A non-200 answer, a malformed body,
-    a connection error or a timeout counts as an error.
+    ``texts(i)`` gives the text of request ``i``. A 503 "overloaded" answer counts
+    as shed (the admission gate refused it at once); any other non-200 answer, a
+    malformed body, a connection error or a timeout counts as an error.
     """
     count = max(1, int(round(rate * duration_s)))
     outcomes = [_Outcome(scheduled=0.0) for _ in range(count)]
@@ -114,7 +118,9 @@ def run_rate(host: str, port: int, texts: Callable[[int], str], rate: float, dur
         try:
             status, body = post_json(host, port, PREDICT_PATH, {"text": texts(i), "top_k": top_k}, timeout_s)
             out.status = status
-            if status != 200:
+            if status == 503 and b'"overloaded"' in body:
+                out.shed = True
+            elif status != 200:
                 out.error = f"HTTP {status}: {body[:120]!r}"
             elif "blanks" not in json.loads(body):
                 out.error = f"200 without blanks: {body[:120]!r}"
@@ -137,7 +143,8 @@ def run_rate(host: str, port: int, texts: Callable[[int], str], rate: float, dur
         thread.join(timeout=max(0.0, deadline - time.perf_counter()))
     unfinished = sum(1 for t in threads if t.is_alive())
     finished = [o for o in outcomes if o.done]
-    ok = [o for o in finished if not o.error]
+    ok = [o for o in finished if not o.error and not o.shed]
+    shed = [o for o in finished if o.shed]
     errors = [o.error for o in finished if o.error] + ["not answered in time"] * unfinished
     latencies = [(o.done - o.scheduled) * 1000 for o in ok]
     end = max((o.done for o in finished), default=start)
@@ -155,6 +162,8 @@ def run_rate(host: str, port: int, texts: Callable[[int], str], rate: float, dur
         p99_ms=percentile(latencies, 99),
         max_ms=max(latencies, default=float("nan")),
         mean_send_lag_ms=1000 * sum(o.sent - o.scheduled for o in finished) / max(1, len(finished)),
+        shed=len(shed),
+        shed_p99_ms=percentile([(o.done - o.scheduled) * 1000 for o in shed], 99),
     )
 
 
@@ -162,14 +171,15 @@ class Server:
     """``python -m edge serve`` as a subprocess on a free loopback port."""
 
     def __init__(self, bundle: str | Path | None, threads: int, batch_window_ms: float, max_batch: int,
-                 cache_size: int = 0, http_threads: int = 8, log_path: str | Path | None = None,
+                 cache_size: int = 0, http_threads: int | None = None, log_path: str | Path | None = None,
                  python: str = sys.executable, cwd: str | Path | None = None):
         self.host = "127.0.0.1"
         self.port = free_port()
         self.command = [python, "-m", "edge", "serve", "--host", self.host, "--port", str(self.port),
                         "--threads", str(threads), "--batch-window-ms", str(batch_window_ms),
-                        "--max-batch", str(max_batch), "--cache-size", str(cache_size),
-                        "--http-threads", str(http_threads)]
+                        "--max-batch", str(max_batch), "--cache-size", str(cache_size)]
+        if http_threads:  # else the server's default: enough threads to refuse at once
+            self.command += ["--http-threads", str(http_threads)]
         if bundle is not None:
             self.command[4:4] = ["--bundle", str(bundle)]
         self.log_path = Path(log_path) if log_path else None
@@ -273,7 +283,7 @@ def batch_histogram(metrics_text: str) -> dict[str, float]:
 
 
 def load_test(bundle: str | Path | None, texts: Callable[[int], str], rates: Sequence[float], duration_s: float,
-              threads: int, configs: dict[str, dict[str, Any]], http_threads: int = 8,
+              threads: int, configs: dict[str, dict[str, Any]], http_threads: int | None = None,
               log_dir: str | Path | None = None, warmup: int = 20, cwd: str | Path | None = None,
               progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every rate against a fresh server per configuration.
@@ -312,7 +322,8 @@ def load_test(bundle: str | Path | None, texts: Callable[[int], str], rates: Seq
                 result.server_rss_before_mb, result.server_rss_after_mb = before, server.rss_mb()
                 entry["rates"].append(result.as_dict())
                 progress(f"  [{name}] offered {rate:g}/s: achieved {result.achieved_rps:.1f}/s, "
-                         f"p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms, errors {result.errors}, "
+                         f"p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms, shed {result.shed} "
+                         f"(p99 {result.shed_p99_ms:.1f} ms), errors {result.errors}, "
                          f"server RSS {before or 0:.0f} -> {result.server_rss_after_mb or 0:.0f} MB")
                 time.sleep(1.0)  # let the queue drain fully before the next rate
             entry["rss_after_mb"] = server.rss_mb()
