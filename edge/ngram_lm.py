@@ -37,7 +37,6 @@ HAN_CHAR_RE = re.compile(r"^[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\
 # 9-13 character entries; checking them at every position would cost for nothing).
 MAX_SEGMENT_WORD = 7
 NO_WORD = -1
-WORDS_AT_CACHE = 8192  # pieces of text whose LM words are remembered (~1 MB)
 
 
 class NgramLMError(ValueError):
@@ -187,7 +186,6 @@ class NgramLM:
                                 or len(self._tri_off) != len(self._ctx) + 1):
             raise NgramLMError(f"{self.path}: trigram tables are inconsistent (corrupt?)")
         self.unk = self.words.index_of("<unk>")
-        self._words_at: dict[str, list[tuple[int, int]]] = {}
         if self.unk == NO_WORD:
             raise NgramLMError(f"{self.path}: the vocabulary has no <unk>")
         self.max_word_chars = min(int(meta.get("max_word_chars", 4)), MAX_SEGMENT_WORD)
@@ -264,15 +262,7 @@ class NgramLM:
         """``(end, word id)`` of each LM word starting at ``start`` in ``text`` (ending by
         ``end``); a character that is no LM word stands alone as ``<unk>``."""
         stop = min(len(text) if end is None else end, start + self.max_word_chars)
-        piece = text[start:stop]
-        # The answer depends on the piece only, and the same pieces come back for every
-        # filler of a blank: a bounded cache of (length, word id) per piece.
-        found = self._words_at.get(piece)
-        if found is None:
-            if len(self._words_at) >= WORDS_AT_CACHE:
-                self._words_at = {}
-            found = self._words_at[piece] = self._words_in(piece)
-        return [(start + k, w) for k, w in found]
+        return [(start + k, w) for k, w in self._words_in(text[start:stop])]
 
     def _words_in(self, piece: str) -> list[tuple[int, int]]:
         vocabulary = self.words

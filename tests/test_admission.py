@@ -61,11 +61,8 @@ def test_the_gate_admits_up_to_its_limits_and_refuses_the_rest():
     assert stats["active"] == 0 and stats["waiting"] == 0 and results["waited"] > 0
 
 
-def test_a_request_that_would_wait_past_its_budget_is_refused_on_arrival():
-    """With the engine's time per request known to be 1 s, a request that would queue
-    behind one is refused at once rather than after waiting out its 100 ms."""
-    gate = AdmissionGate(AdmissionLimits(max_active=1, max_waiting=4, max_wait_ms=100))
-    gate._service_s = 1.0
+def admit_while_held(gate: AdmissionGate) -> None:
+    """Ask ``gate`` for a place while another thread holds the only one."""
     inside, release = threading.Event(), threading.Event()
 
     def hold():
@@ -76,11 +73,21 @@ def test_a_request_that_would_wait_past_its_budget_is_refused_on_arrival():
     holder = threading.Thread(target=hold)
     holder.start()
     assert inside.wait(10)
-    with pytest.raises(Overloaded) as refused:
+    try:
         with gate.admit():
             pass
-    release.set()
-    holder.join(10)
+    finally:
+        release.set()
+        holder.join(10)
+
+
+def test_a_request_that_would_wait_past_its_budget_is_refused_on_arrival():
+    """With the engine's time per request known to be 1 s, a request that would queue
+    behind one is refused at once rather than after waiting out its 100 ms."""
+    gate = AdmissionGate(AdmissionLimits(max_active=1, max_waiting=4, max_wait_ms=100))
+    gate._service_s = 1.0
+    with pytest.raises(Overloaded) as refused:
+        admit_while_held(gate)
     assert refused.value.reason == "wait_budget" and refused.value.retry_after >= 1
     assert gate.stats()["waiting"] == 0  # it never queued
 
@@ -89,21 +96,8 @@ def test_a_waiting_request_gives_up_after_its_wait_budget():
     # 60 ms of budget against an expected 50 ms wait (the initial estimate): it queues,
     # and the request ahead holds on, so the budget runs out while it waits.
     gate = AdmissionGate(AdmissionLimits(max_active=1, max_waiting=4, max_wait_ms=60))
-    inside, release = threading.Event(), threading.Event()
-
-    def hold():
-        with gate.admit():
-            inside.set()
-            release.wait(10)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    assert inside.wait(10)
     with pytest.raises(Overloaded) as refused:
-        with gate.admit():
-            pass
-    release.set()
-    holder.join(10)
+        admit_while_held(gate)
     assert refused.value.reason == "wait_budget"
     assert gate.stats()["shed_total"]["wait_budget"] == 1 and gate.stats()["waiting"] == 0
 
