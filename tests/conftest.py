@@ -37,3 +37,22 @@ def tiny_fp32_bundle_dir() -> Path:
     if not (path / "manifest.json").is_file():
         pytest.skip(f"FP32 tiny bundle fixture missing at {path}: run python tests/make_tiny_checkpoint.py")
     return path
+
+
+def _fixture_bundle(name: str) -> Path:
+    path = FIXTURES / name
+    if not (path / "manifest.json").is_file():
+        pytest.skip(f"{name} fixture missing at {path}: run python tests/make_tiny_checkpoint.py --quantized")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_static_bundle_dir() -> Path:
+    """The static INT8 twin of the tiny bundle (activation scales fixed at build time)."""
+    return _fixture_bundle("tiny_bundle-static")
+
+
+@pytest.fixture(scope="session")
+def tiny_int4_bundle_dir() -> Path:
+    """The int4 weight-only twin of the tiny bundle (MatMulNBits, GatherBlockQuantized)."""
+    return _fixture_bundle("tiny_bundle-int4")

@@ -10,10 +10,13 @@ committed bundle is built from exactly these weights.
 
     python tests/make_tiny_checkpoint.py                 # checkpoint + bundle into tests/fixtures/
     python tests/make_tiny_checkpoint.py --out DIR       # checkpoint only, into DIR
+    python tests/make_tiny_checkpoint.py --quantized     # only the static INT8 / int4 twins
 
-The committed fixtures (``tests/fixtures/tiny_checkpoint``, ``tests/fixtures/tiny_bundle``
-and its FP32 twin ``tests/fixtures/tiny_bundle-fp32``) are made by running this script
-with no arguments.
+The committed fixtures (``tests/fixtures/tiny_checkpoint``, ``tests/fixtures/tiny_bundle``,
+its FP32 twin ``tests/fixtures/tiny_bundle-fp32`` and the ``tiny_bundle-static`` /
+``tiny_bundle-int4`` twins of the other quantizations) are made by running this script
+with no arguments. They are committed (not built by the tests) so that ``make
+arm-check``, which has no torch, runs the same checks on them on arm64.
 """
 
 from __future__ import annotations
@@ -110,15 +113,31 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="write only the checkpoint, into this folder")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quantized", action="store_true",
+                        help="only (re)build the static INT8 and int4 twins from the committed checkpoint")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
     if args.out:
         make_checkpoint(args.out, seed=args.seed)
         return 0
-    make_checkpoint(CHECKPOINT_DIR, seed=args.seed)
     from tools.bundle.build import build_bundle
 
     os.chdir(ROOT)  # so the manifest records the repository-relative source path
+    if not args.quantized:
+        make_checkpoint(CHECKPOINT_DIR, seed=args.seed)
+        build_main_bundles(build_bundle)
+    for method in ("static", "int4"):
+        # Same weights, the other quantizations: static INT8 calibrated on seeded
+        # random inputs (no corpus), int4 weight-only.
+        build_bundle(source=str(CHECKPOINT_DIR.relative_to(ROOT)), out=FIXTURES / f"tiny_bundle-{method}",
+                     vocab_size=None, corpus=None, quantization=method, name="tiny-test-bert",
+                     notes="Tiny random-weight test model made by tests/make_tiny_checkpoint.py; "
+                           "answers are meaningless.")
+    return 0
+
+
+def build_main_bundles(build_bundle) -> None:
+    """The tiny dynamic INT8 bundle and its FP32 twin."""
     build_bundle(
         source=str(CHECKPOINT_DIR.relative_to(ROOT)),
         out=BUNDLE_DIR,
@@ -131,7 +150,6 @@ def main(argv: list[str] | None = None) -> int:
         name="tiny-test-bert",
         notes="Tiny random-weight test model made by tests/make_tiny_checkpoint.py; answers are meaningless.",
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -166,7 +166,7 @@ def test_quick_bench_on_the_tiny_model(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads((out / "results.json").read_text(encoding="utf-8"))
     systems = report["models"]["custom"]["systems"]
-    for system in ("pipeline", "ort-fp32", "ours"):
+    for system in ("pipeline", "ort-fp32", "ours", "ours-static", "ours-int4"):
         assert "error" not in systems[system], systems[system]
         for name in ("short", "long", "short_4"):
             timing = systems[system]["sets"][name]
@@ -176,10 +176,14 @@ def test_quick_bench_on_the_tiny_model(tmp_path):
     # the plain ORT and ours workers must not have imported torch: far less memory
     assert systems["ours"]["rss_after_run_mb"] < systems["pipeline"]["rss_after_run_mb"]
     assert report["models"]["custom"]["agreement"]["masked_positions"] == 6
+    variants = report["models"]["custom"]["agreement_variants"]
+    assert variants["ours-static"]["masked_positions"] == variants["ours-int4"]["masked_positions"] == 6
+    assert systems["ours-int4"]["model_file_bytes"] < systems["ours"]["model_file_bytes"]
     load = report["load"]["custom"]["results"]
     for config in ("batching-on", "batching-off"):
         assert load[config]["rates"][0]["errors"] == 0, load[config]
         assert load[config]["rates"][0]["ok"] == 8
     markdown = (out / "results.md").read_text(encoding="utf-8")
-    assert "| ours |" in markdown and "Pi 4" in markdown and report["command"] in markdown
+    assert "| ours |" in markdown and "| ours-static |" in markdown and "| ours-int4 |" in markdown
+    assert "Pi 4" in markdown and report["command"] in markdown
     assert (out / "bench.png").stat().st_size > 10_000

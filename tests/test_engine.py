@@ -252,6 +252,58 @@ def test_concurrent_requests_are_batched_with_identical_results(tiny_fp32_bundle
                 assert gc["score"] == pytest.approx(wc["score"], rel=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["static", "int4"])
+def test_static_int8_and_int4_answers_do_not_depend_on_batch_mates(kind, request):
+    """Static INT8 (scales fixed at build time) and int4 weight-only (activations
+    quantized per row inside the kernel): batched answers equal one-at-a-time ones,
+    as for FP32, where dynamic INT8's move with their batch mates."""
+    bundle = request.getfixturevalue(f"tiny_{kind}_bundle_dir")
+    expected, _ = run_concurrently(bundle, BATCH_TEXTS, batch_window_ms=0.0, max_batch=1)
+    got, stats = run_concurrently(bundle, BATCH_TEXTS, batch_window_ms=50.0, max_batch=64)
+    assert max(stats["batch_size_counts"]) > 1, stats
+    for text in BATCH_TEXTS:
+        assert [[c["text"] for c in b["candidates"]] for b in got[text]] == \
+            [[c["text"] for c in b["candidates"]] for b in expected[text]]
+        for gb, wb in zip(got[text], expected[text]):
+            for gc, wc in zip(gb["candidates"], wb["candidates"]):
+                assert gc["score"] == pytest.approx(wc["score"], rel=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["fp32", "static", "int4"])
+def test_a_rows_logits_are_bit_identical_whatever_its_batch_mates(kind, request):
+    """At equal padded length, a row's logits are exactly the same alone and beside
+    any mates (dynamic INT8 is the one quantization where they are not)."""
+    from edge.manifest import Manifest
+
+    bundle = request.getfixturevalue(f"tiny_{kind}_bundle_dir")
+    manifest = Manifest.load(bundle)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    session = ort.InferenceSession(str(bundle / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(3)
+    special = manifest.special_ids
+    seq = 24
+
+    def rows(n):
+        ids = rng.integers(special["[MASK]"] + 1, manifest.vocab_size, size=(n, seq)).astype(np.int64)
+        ids[:, 0], ids[:, -1] = special["[CLS]"], special["[SEP]"]
+        ids[:, 5] = special["[MASK]"]
+        return ids
+
+    row = rows(1)
+    alone = session.run(None, {"input_ids": row, "attention_mask": np.ones_like(row),
+                               "mask_positions": np.array([[5]], dtype=np.int64)})[0][0]
+    for mates in (1, 3, 7):
+        batch = np.concatenate([row, rows(mates)])
+        mask = np.ones_like(batch)
+        for i in range(1, len(batch)):  # mates of other lengths, padded to the row's
+            length = int(rng.integers(8, seq))
+            batch[i, length:], mask[i, length:] = special["[PAD]"], 0
+        got = session.run(None, {"input_ids": batch, "attention_mask": mask,
+                                 "mask_positions": np.full((len(batch), 1), 5, dtype=np.int64)})[0][0]
+        assert np.array_equal(got, alone), (kind, mates, float(np.abs(got - alone).max()))
+
+
 def test_int8_batched_answers_stay_within_quantization_noise(tiny_bundle_dir):
     """INT8 (dynamic): activation scales are computed per batch, so scores move a
     little with batch contents; the answers must stay essentially the same."""

@@ -19,7 +19,7 @@ COMMANDS = {
     "build": ("tools.bundle.build", "checkpoint → verified INT8 bundle (the whole pipeline)"),
     "export": ("tools.bundle.export_onnx", "checkpoint → FP32 ONNX with logits at masked positions only"),
     "trim": ("tools.bundle.trim_vocab", "trim the vocabulary of a checkpoint by corpus frequency"),
-    "quantize": ("tools.bundle.quantize", "FP32 ONNX → dynamic INT8 ONNX"),
+    "quantize": ("tools.bundle.quantize", "FP32 ONNX → dynamic INT8 (or int4) ONNX"),
     "verify": ("tools.bundle.verify", "check a bundle against its source checkpoint"),
     "pretrain": ("tools.train.pretrain", "train the compact Chinese masked-LM (whole-word masking)"),
     "distill": ("tools.train.distill", "TinyBERT-style distillation of a compact student from a teacher"),

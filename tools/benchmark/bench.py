@@ -9,6 +9,8 @@ its own (so resident memory and cold start are per system):
    ``BertForMaskedLM`` logits at every position, full vocabulary, no trimming, no
    quantization, no fusion beyond ONNX Runtime's defaults);
 3. ``ours``: this runtime, ``edge.engine.Engine`` on the INT8 trimmed bundle;
+4. ``ours-static`` / ``ours-int4``: the same runtime on bundles of the same
+   checkpoint built with ``--quantization static`` / ``int4`` (``--quantizations``);
 
 for a bert-base-chinese-architecture model with random weights and for the
 shipped default model. Inputs are real held-apart sentences (<=32 tokens and ~128
@@ -47,10 +49,11 @@ from typing import Any
 from tools import ToolError
 from tools.benchmark.inputs import SETS, build_inputs, load_text
 from tools.benchmark.report import render_chart, render_markdown
-from tools.benchmark.worker import SYSTEMS
+from tools.benchmark.worker import ALL_SYSTEMS, QUANTIZED_VARIANTS
 from tools.benchmark.loadtest import percentile
 from tools.benchmark.models import (BERT_SOURCE, DEFAULT_BUNDLE, DEFAULT_CHECKPOINT, SHARED, ModelSpec, child_env,
-                                    default_checkpoint, weights_bytes, prepare_bert_random, prepare_checkpoint_model)
+                                    default_checkpoint, weights_bytes, prepare_bert_random, prepare_checkpoint_model,
+                                    prepare_variant_bundle)
 
 log = logging.getLogger(__name__)
 
@@ -157,16 +160,25 @@ def bench_model(python: str, spec: ModelSpec, notes: dict[str, Any], inputs_path
         "ort-fp32": Path(fp32).stat().st_size if fp32 and Path(fp32).is_file() else None,
         "ours": (spec.bundle / "model.onnx").stat().st_size,
     }
-    for system in SYSTEMS:
-        if system != "ours" and spec.checkpoint is None:
+    worker_of = {system: system for system in per_system}
+    for system, method in QUANTIZED_VARIANTS.items():
+        if method in args.quantizations and spec.checkpoint is not None:
+            variant = prepare_variant_bundle(spec, method, work, args.rebuild, python, args.data)
+            per_system[system] = ["--bundle", str(variant), "--batch-window-ms", str(args.ours_window_ms)]
+            sizes[system] = (variant / "model.onnx").stat().st_size
+            worker_of[system] = "ours"
+    for system in ALL_SYSTEMS:
+        if system not in per_system:
+            continue
+        if not system.startswith("ours") and spec.checkpoint is None:
             result["systems"][system] = {"error": "skipped: " + spec.note}
             continue
         if system in args.skip:
             continue
         log.info("== %s / %s: timing (%d iterations x %s, %d threads)", spec.key, system, args.iterations,
                  ",".join(args.sets), args.threads)
-        res = run_worker(python, system, common + per_system[system], work / f"{spec.key}-{system}.json",
-                         args.worker_timeout)
+        res = run_worker(python, worker_of[system], common + per_system[system],
+                         work / f"{spec.key}-{system}.json", args.worker_timeout)
         if "error" in res:
             log.error("%s / %s failed: %s", spec.key, system, res["error"])
         else:
@@ -176,7 +188,7 @@ def bench_model(python: str, spec: ModelSpec, notes: dict[str, Any], inputs_path
                      res["rss_after_run_mb"], res["cold_start_s"])
         colds = []
         for k in range(args.cold_runs if "error" not in res else 0):
-            cold = run_worker(python, system, common + per_system[system] + ["--cold-only"],
+            cold = run_worker(python, worker_of[system], common + per_system[system] + ["--cold-only"],
                               work / f"{spec.key}-{system}-cold{k}.json", args.worker_timeout)
             if "cold_start_s" in cold:
                 colds.append(cold["cold_start_s"])
@@ -187,18 +199,26 @@ def bench_model(python: str, spec: ModelSpec, notes: dict[str, Any], inputs_path
         res["model_file_bytes"] = sizes[system]
         result["systems"][system] = res
     if spec.checkpoint is not None and "agree" not in args.skip:
-        log.info("== %s: INT8 bundle vs FP32 agreement on %s held-apart blanks", spec.key, "agree")
-        agree = run_worker(python, "agree", ["--inputs", str(inputs_path), "--threads", str(args.threads),
-                                             "--onnx", str(fp32), "--tokenizer", str(tokenizer),
-                                             "--bundle", str(spec.bundle)],
-                           work / f"{spec.key}-agree.json", args.worker_timeout)
-        result["agreement"] = agree
-        if "top1_agreement" in agree:
-            log.info("   top-1 agreement %.4f, top-5 overlap %.4f over %d blanks (kept vocab: %.4f / %.4f)",
-                     agree["top1_agreement"], agree["top5_overlap"], agree["masked_positions"],
-                     agree["top1_agreement_kept_vocab"], agree["top5_overlap_kept_vocab"])
-        else:
-            log.error("agreement failed: %s", agree.get("error"))
+        result["agreement_variants"] = {}
+        for system in ("ours", *QUANTIZED_VARIANTS):
+            if system not in per_system:
+                continue
+            bundle = per_system[system][1]
+            log.info("== %s: %s bundle vs FP32 agreement on held-apart blanks", spec.key, system)
+            agree = run_worker(python, "agree", ["--inputs", str(inputs_path), "--threads", str(args.threads),
+                                                 "--onnx", str(fp32), "--tokenizer", str(tokenizer),
+                                                 "--bundle", bundle],
+                               work / f"{spec.key}-{system}-agree.json", args.worker_timeout)
+            if system == "ours":
+                result["agreement"] = agree
+            else:
+                result["agreement_variants"][system] = agree
+            if "top1_agreement" in agree:
+                log.info("   top-1 agreement %.4f, top-5 overlap %.4f over %d blanks (kept vocab: %.4f / %.4f)",
+                         agree["top1_agreement"], agree["top5_overlap"], agree["masked_positions"],
+                         agree["top1_agreement_kept_vocab"], agree["top5_overlap_kept_vocab"])
+            else:
+                log.error("agreement failed: %s", agree.get("error"))
     return result
 
 
@@ -234,14 +254,16 @@ def flop_table(results: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any
             if shape_full:
                 # pipeline / plain ORT: exact length, head at every position, full vocabulary
                 per["full_gflop"] = sum(query_flops(shape_full, n, n) for n in lengths) / len(lengths) / 1e9
-            for system in SYSTEMS:
+            for system in ALL_SYSTEMS:
                 data = model["systems"].get(system, {}).get("sets", {}).get(name)
                 if not data:
                     continue
-                flops = (per["ours_gflop"] if system == "ours" else per.get("full_gflop", 0)) * 1e9
+                ours = system.startswith("ours")
+                flops = (per["ours_gflop"] if ours else per.get("full_gflop", 0)) * 1e9
                 weights = model["systems"][system].get("model_file_bytes")
+                # int4 multiplies in int8 inside MatMulNBits (accuracy level 4)
                 est = estimate(flops, data["median_ms"], host, model["systems"][system].get("threads", 2),
-                               int8=system == "ours", weight_bytes=weights, targets=(PI4, PI5))
+                               int8=ours, weight_bytes=weights, targets=(PI4, PI5))
                 per[system] = est
             entry[name] = per
         out["models"][key] = entry
@@ -353,6 +375,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http-threads", type=int, default=None,
                         help="waitress threads in the load test (default: the server's own, max-active + max-waiting + 4)")
     parser.add_argument("--skip", default="", help="comma list of pipeline,ort-fp32,ours,agree,load to leave out")
+    parser.add_argument("--quantizations", default="static,int4",
+                        help="other quantizations of each model to time beside the dynamic INT8 bundle "
+                             "(comma list of static,int4; empty for none)")
     parser.add_argument("--rebuild", action="store_true", help="re-export / rebuild the cached models in OUT/work")
     parser.add_argument("--worker-timeout", type=float, default=900.0, help="seconds before a worker is killed")
 
@@ -377,6 +402,10 @@ def run(args: argparse.Namespace) -> int:
         n_per_set, n_load = QUICK["n_per_set"], QUICK["n_load"]
     n_per_set = max(n_per_set, args.iterations + args.warmup)
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    args.quantizations = {q.strip() for q in args.quantizations.split(",") if q.strip()}
+    if args.quantizations - set(QUANTIZED_VARIANTS.values()):
+        raise ToolError(f"--quantizations: unknown {', '.join(sorted(args.quantizations - set(QUANTIZED_VARIANTS.values())))}"
+                        " (use static, int4)")
     args.sets = list(SETS)
     out = Path(args.out)
     work = out / "work"

@@ -158,7 +158,8 @@ def prepare_checkpoint_model(key: str, label: str, checkpoint: Path | None, bund
                                                  "vocab_size": manifest.vocab_size,
                                                  "architecture": vars(manifest.architecture),
                                                  "training": manifest.training,
-                                                 "int8_vs_fp32_at_build": manifest.evaluation.get("int8_vs_fp32")}}
+                                                 "int8_vs_fp32_at_build": (manifest.evaluation.get("quantized_vs_fp32")
+                                                                           or manifest.evaluation.get("int8_vs_fp32"))}}
     if checkpoint is None:
         source = Path(manifest.source)
         checkpoint = source if (source / "config.json").is_file() else None
@@ -186,6 +187,29 @@ def prepare_checkpoint_model(key: str, label: str, checkpoint: Path | None, bund
         notes["fp32_export"] = json.loads(meta.read_text()) if meta.is_file() else {"path": str(fp32)}
     notes["fp32_onnx"] = str(fp32)
     return spec, notes
+
+def prepare_variant_bundle(spec: ModelSpec, method: str, work: Path, rebuild: bool, python: str,
+                           corpus: Path) -> Path:
+    """The bundle of ``spec``'s checkpoint quantized by ``method`` (static / int4),
+    built by ``python -m tools build --quantization METHOD`` with the same vocabulary
+    size as the spec's bundle and ``corpus`` (the benchmark's data: calibration and
+    the held-apart comparison), cached in ``work``."""
+    out = work / f"{spec.key}-{method}"
+    stamp = (spec.bundle / "manifest.json").stat().st_mtime
+    if not rebuild and (out / "manifest.json").is_file() and (out / "manifest.json").stat().st_mtime >= stamp:
+        return out
+    vocab = json.loads((spec.bundle / "manifest.json").read_text(encoding="utf-8"))["vocab_size"]
+    command = [python, "-m", "tools", "build", "--source", str(spec.checkpoint), "--out", str(out),
+               "--vocab", str(vocab), "--corpus", str(corpus), "--quantization", method, "--samples", "50"]
+    log.info("== building the %s bundle: %s", method, shlex.join(command))
+    proc = subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True)
+    log_file = work / f"build-{spec.key}-{method}.log"
+    log_file.write_text(proc.stdout + proc.stderr, encoding="utf-8")
+    if proc.returncode != 0:
+        tail = " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-5:])
+        raise ToolError(f"`{shlex.join(command)}` failed with status {proc.returncode}: {tail} (log: {log_file})")
+    return out
+
 
 def weights_bytes(checkpoint: Path) -> int:
     """Bytes of the weight files of an HF checkpoint folder."""

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tools.benchmark.inputs import SETS
-from tools.benchmark.worker import SYSTEMS
+from tools.benchmark.worker import ALL_SYSTEMS
 
 SET_LABELS = {"short": "<=32 tokens, 1 blank", "long": "~128 tokens, 1 blank", "short_4": "<=32 tokens, 4-char blank"}
 
@@ -63,7 +63,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                   "|---|---|---:|---:|---:|---:|"]
         systems = model["systems"]
         for name in SETS:
-            for system in SYSTEMS:
+            for system in ALL_SYSTEMS:
                 data = systems.get(system, {}).get("sets", {}).get(name)
                 if not data:
                     continue
@@ -76,7 +76,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                     f"{_fmt(ort_ / med if ort_ else None, 1, 'x')} |")
         lines += ["", "| system | RSS after load | RSS after run | peak RSS | model file | cold start (median of fresh launches) |",
                   "|---|---:|---:|---:|---:|---:|"]
-        for system in SYSTEMS:
+        for system in ALL_SYSTEMS:
             data = systems.get(system)
             if not data:
                 continue
@@ -90,7 +90,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         agree = model.get("agreement")
         if agree and "top1_agreement" in agree:
             lines += ["", f"INT8 bundle (engine answers) vs plain FP32 model on {agree['masked_positions']} "
-                          "held-apart single-character blanks:", "",
+                          "held-apart single-character blanks (a row per other quantization after the first):", "",
                       "| top-1 agreement | top-5 overlap | top-1 agr. within kept vocab | top-5 overlap within kept vocab "
                       "| FP32 top-1 accuracy | INT8 top-1 accuracy | vocab FP32 → bundle |",
                       "|---:|---:|---:|---:|---:|---:|---:|",
@@ -98,6 +98,13 @@ def render_markdown(report: dict[str, Any]) -> str:
                       f"{100 * agree['top1_agreement_kept_vocab']:.1f}% | {100 * agree['top5_overlap_kept_vocab']:.1f}% | "
                       f"{100 * agree['fp32_top1_accuracy']:.1f}% | {100 * agree['ours_top1_accuracy']:.1f}% | "
                       f"{agree['fp32_vocab']} → {agree['bundle_vocab']} |"]
+            for system, other in (model.get("agreement_variants") or {}).items():
+                if "top1_agreement" in other:
+                    lines.append(f"| {100 * other['top1_agreement']:.1f}% | {100 * other['top5_overlap']:.1f}% | "
+                                 f"{100 * other['top1_agreement_kept_vocab']:.1f}% | "
+                                 f"{100 * other['top5_overlap_kept_vocab']:.1f}% | "
+                                 f"{100 * other['fp32_top1_accuracy']:.1f}% | {100 * other['ours_top1_accuracy']:.1f}% "
+                                 f"({system}) | {other['fp32_vocab']} → {other['bundle_vocab']} |")
             if model.get("random_init"):
                 lines.append("\n(Random weights: near-uniform logits, so agreement here mostly measures noise, "
                              "not quantization quality.)")
@@ -146,7 +153,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                   "|---|---|---|---:|---:|---:|---:|---:|---:|"]
         for key, entry in flops["models"].items():
             for name, per in entry.items():
-                for system in SYSTEMS:
+                for system in ALL_SYSTEMS:
                     est = per.get(system)
                     if not est:
                         continue
@@ -185,15 +192,17 @@ def render_chart(report: dict[str, Any], path: Path) -> None:
     for ax in flat[panels:]:
         ax.set_visible(False)
     axes = [flat]  # panels in reading order: latency per model, then load tests
-    colors = {"pipeline": "#d62728", "ort-fp32": "#1f77b4", "ours": "#2ca02c"}
+    colors = {"pipeline": "#d62728", "ort-fp32": "#1f77b4", "ours": "#2ca02c", "ours-static": "#98df8a",
+              "ours-int4": "#9467bd"}
     for ax, (key, model) in zip(axes[0], models):
-        width = 0.27
-        for k, system in enumerate(SYSTEMS):
+        shown = [system for system in ALL_SYSTEMS if system in model["systems"]]
+        width = 0.8 / max(len(shown), 1)
+        for k, system in enumerate(shown):
             meds, p99s, xs = [], [], []
             for j, name in enumerate(SETS):
                 data = model["systems"].get(system, {}).get("sets", {}).get(name)
                 if data:
-                    xs.append(j + (k - 1) * width)
+                    xs.append(j + (k - (len(shown) - 1) / 2) * width)
                     meds.append(data["median_ms"])
                     p99s.append(data["p99_ms"] - data["median_ms"])
             if xs:

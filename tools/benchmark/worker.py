@@ -22,6 +22,10 @@ from tools.benchmark.inputs import MASK, SETS
 from tools.benchmark.loadtest import percentile
 
 SYSTEMS = ("pipeline", "ort-fp32", "ours")
+# This runtime on the other quantizations of the same model (the "ours" worker on a
+# sibling bundle built with tools build --quantization METHOD).
+QUANTIZED_VARIANTS = {"ours-static": "static", "ours-int4": "int4"}
+ALL_SYSTEMS = SYSTEMS + tuple(QUANTIZED_VARIANTS)
 
 
 def _rss_mb() -> float:

@@ -1,12 +1,12 @@
-"""``python -m tools build``: Hugging Face checkpoint → verified INT8 bundle.
+"""``python -m tools build``: Hugging Face checkpoint → verified quantized bundle.
 
 Steps (each logged with its timing): load the checkpoint (or build it with random
 weights) → trim the vocabulary → export FP32 ONNX (logits only at masked
 positions) → (opt-in) fuse the graph → check FP32 parity with PyTorch (the bundle is
-not written when it fails) → quantize to INT8 → compare INT8 with FP32 on
-held-apart text → write ``model.onnx`` + ``tokenizer.json`` + ``manifest.json`` →
-reload the staged bundle with ONNX Runtime alone and check it before it is
-renamed into place.
+not written when it fails) → quantize (dynamic INT8 by default, static INT8
+or int4 by ``--quantization``) → compare with FP32 on held-apart text → write
+``model.onnx`` + ``tokenizer.json`` + ``manifest.json`` → reload the staged
+bundle with ONNX Runtime alone and check it before it is renamed into place.
 """
 
 from __future__ import annotations
@@ -102,7 +102,8 @@ def write_bundle(folder: Path, model_file: Path, tok_json: str, manifest, check=
 def build_bundle(source: str, out: str | Path, vocab_size: int | None = None, corpus: str | Path | None = None,
                  random_init: bool = False, seed: int = 0, revision: str | None = None, name: str | None = None,
                  keep_fp32: bool = False, optimize: bool = False, samples: int = 200, notes: str = "",
-                 use_cache: bool = True) -> dict[str, Any]:
+                 use_cache: bool = True, quantization: str = "dynamic",
+                 calibration: str = "minmax") -> dict[str, Any]:
     """Run the whole pipeline and write the bundle to ``out``; return the manifest dict.
 
     Raises ToolError (nothing written) on a bad checkpoint/corpus/option, or when the
@@ -112,13 +113,15 @@ def build_bundle(source: str, out: str | Path, vocab_size: int | None = None, co
     from edge.manifest import Architecture, Manifest
     from tools.bundle.checkpoint import architecture_of, load_checkpoint
     from tools.bundle.export_onnx import export_onnx
-    from tools.bundle.quantize import optimize_model, quantize_model
+    from tools.bundle.quantize import QUANTIZATION_METHODS, QUANTIZED_NAME, optimize_model, quantize
     from tools.bundle.trim_vocab import corpus_stats, log_plan, plan_trim, trim_checkpoint
     from tools.bundle.verify import (check_parity, cloze_batches, compare_models, ort_session, seeded_inputs,
                               session_fn, verify_bundle)
 
     out = Path(out)
     _prepare_out(out)
+    if quantization not in QUANTIZATION_METHODS:
+        raise ToolError(f"unknown quantization {quantization!r} (choose from {', '.join(QUANTIZATION_METHODS)})")
     if keep_fp32:
         _prepare_out(out.parent / f"{out.name}-fp32")
     if corpus is not None and not Path(corpus).exists():
@@ -170,13 +173,17 @@ def build_bundle(source: str, out: str | Path, vocab_size: int | None = None, co
                 raise ToolError(f"FP32 ONNX export does not match PyTorch (max|diff| {parity.max_abs_diff:.3g} > "
                                 f"{parity.tolerance:.3g}); bundle not written")
 
-        with step("quantize INT8", timings):
-            int8 = work / "int8.onnx"
-            quant = quantize_model(fp32, int8)
-            sizes["int8_onnx"] = int8.stat().st_size
+        label = QUANTIZED_NAME[quantization]
+        with step(f"quantize ({quantization})", timings):
+            quantized = work / f"{label}.onnx"
+            quant = quantize(quantization, fp32, quantized, tokenizer=ckpt.tokenizer, stats=stats,
+                             special_ids=special, vocab_size=config.vocab_size,
+                             max_length=min(64, config.max_position_embeddings), seed=seed,
+                             calibration=calibration)
+            sizes["quantized_onnx"] = quantized.stat().st_size
 
-        with step("compare INT8 with FP32", timings):
-            int8_session = ort_session(int8)
+        with step(f"compare {label} with FP32", timings):
+            quantized_session = ort_session(quantized)
             texts = stats.test_texts if stats else []
             batches = cloze_batches(ckpt.tokenizer, texts, special, n_samples=samples, seed=seed,
                                     max_length=min(64, config.max_position_embeddings)) if texts else []
@@ -186,10 +193,10 @@ def build_bundle(source: str, out: str | Path, vocab_size: int | None = None, co
                 inputs = "seeded random token sequences (no corpus given)"
                 batches = [ClozeBatch(*seeded_inputs(config.vocab_size, special, 4, 24, 2, seed + 100 + k),
                                       answers=np.full((4, 2), -1, dtype=np.int64)) for k in range(8)]
-            agreement = compare_models(session_fn(fp32_session), session_fn(int8_session), batches)
+            agreement = compare_models(session_fn(fp32_session), session_fn(quantized_session), batches)
             agreement["inputs"] = inputs
-            log.info("INT8 vs FP32 over %d masked positions: top-1 agreement %.4f, top-5 overlap %.4f",
-                     agreement["masked_positions"], agreement["top1_agreement"], agreement["top5_overlap"])
+            log.info("%s vs FP32 over %d masked positions: top-1 agreement %.4f, top-5 overlap %.4f",
+                     label, agreement["masked_positions"], agreement["top1_agreement"], agreement["top5_overlap"])
             if ckpt.random_init:
                 log.info("(random weights: agreement says nothing about accuracy)")
 
@@ -197,7 +204,7 @@ def build_bundle(source: str, out: str | Path, vocab_size: int | None = None, co
         sizes["tokenizer_json"] = len(tok_json.encode("utf-8"))
         evaluation = {
             "fp32_parity": parity.as_dict(),
-            "int8_vs_fp32": agreement,
+            "quantized_vs_fp32": agreement,
             "sizes_bytes": dict(sizes),
             "graph_optimization": optimization,
             "build_seconds": {},
@@ -223,19 +230,19 @@ def build_bundle(source: str, out: str | Path, vocab_size: int | None = None, co
         with step("write and reload bundle", timings):
             created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
             evaluation["build_seconds"] = dict(timings, total=round(time.monotonic() - started, 2))
-            manifest = Manifest(name=f"{base_name}-int8", quantization=quant, evaluation=evaluation,
+            manifest = Manifest(name=f"{base_name}-{label}", quantization=quant, evaluation=evaluation,
                                 created=created, **manifest_common)
-            write_bundle(out, int8, tok_json, manifest, check=reload_check)
-            log.info("bundle written to %s (model.onnx %.1f MB)", out, sizes["int8_onnx"] / 1e6)
+            write_bundle(out, quantized, tok_json, manifest, check=reload_check)
+            log.info("bundle written to %s (model.onnx %.1f MB)", out, sizes["quantized_onnx"] / 1e6)
             if keep_fp32:
                 fp32_out = out.parent / f"{out.name}-fp32"
-                fp32_eval = {k: v for k, v in evaluation.items() if k != "int8_vs_fp32"}
+                fp32_eval = {k: v for k, v in evaluation.items() if k != "quantized_vs_fp32"}
                 write_bundle(fp32_out, fp32, tok_json, Manifest(
                     name=f"{base_name}-fp32", quantization=None, evaluation=fp32_eval, created=created,
                     **manifest_common), check=reload_check)
                 log.info("FP32 bundle written to %s", fp32_out)
     log.info("built %s in %.1f s: %.1f MB, vocab %d, coverage %s", out, time.monotonic() - started,
-             sizes["int8_onnx"] / 1e6, config.vocab_size,
+             sizes["quantized_onnx"] / 1e6, config.vocab_size,
              "n/a" if plan.coverage is None else f"{100 * plan.coverage:.3f}%")
     return manifest.to_dict()
 
@@ -255,7 +262,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--keep-fp32", action="store_true", help="also write an FP32 bundle at OUT-fp32")
     parser.add_argument("--optimize", action="store_true",
                         help="apply onnxruntime.transformers BERT fusions before quantizing (measured: no gain)")
-    parser.add_argument("--samples", type=int, default=200, help="masked test lines for INT8 vs FP32")
+    parser.add_argument("--quantization", choices=("dynamic", "static", "int4"), default="dynamic",
+                        help="dynamic INT8 (default: fastest here), static INT8 (scales calibrated on the "
+                             "corpus's training split: a row's scores never depend on its batch mates) or "
+                             "int4 weight-only (smallest)")
+    parser.add_argument("--calibration", choices=("minmax", "percentile"), default="minmax",
+                        help="how static INT8 sets activation ranges from the calibration text")
+    parser.add_argument("--samples", type=int, default=200, help="masked test lines for quantized vs FP32")
     parser.add_argument("--no-cache", action="store_true", help="recount the corpus (ignore cached counts)")
     knowledge = parser.add_argument_group("answer-time knowledge (see tools lm / tools memory / tools fusion)")
     knowledge.add_argument("--lm", type=Path, default=None, metavar="ARPA",
@@ -329,7 +342,7 @@ def run(args) -> int:
         source=args.source, out=args.out, vocab_size=args.vocab or None, corpus=args.corpus,
         random_init=args.random_init, seed=args.seed, revision=args.revision, name=args.name,
         keep_fp32=args.keep_fp32, optimize=args.optimize, samples=args.samples,
-        use_cache=not args.no_cache,
+        use_cache=not args.no_cache, quantization=args.quantization, calibration=args.calibration,
     )
     add_knowledge(args.out, args.lm, args.memory, args.lm_license_id, args.memory_license_id,
                   fit=not args.no_fit, random_init=args.random_init)

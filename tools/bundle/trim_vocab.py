@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import time
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,11 @@ NON_CJK_RUN_RE = re.compile(f"[^\\s{_CJK_RANGES}]+")
 UNUSED_RE = re.compile(r"^\[unused\d+\]$")
 CACHE_VERSION = 1
 MAX_TEST_TEXTS = 4000
+# Training-split documents kept for static INT8 calibration: one in CALIBRATION_EVERY
+# (by a hash of the text, so the choice does not depend on file order), at most
+# MAX_CALIBRATION_TEXTS of them.
+MAX_CALIBRATION_TEXTS = 256
+CALIBRATION_EVERY = 97
 
 
 def is_cjk_wordpiece(token: str) -> bool:
@@ -71,6 +77,7 @@ class CorpusStats:
     test_texts: list[str] = field(default_factory=list)
     documents: int = 0
     source: str = ""
+    calibration_texts: list[str] = field(default_factory=list)  # training split, for static INT8
 
     @property
     def total_chars(self) -> int:
@@ -122,15 +129,16 @@ def corpus_stats(corpus: str | Path, use_cache: bool = True) -> CorpusStats:
         key = _cache_key(corpus)
     except CorpusError as exc:
         raise ToolError(str(exc)) from exc
-    cache_file = cache_dir() / f"corpus-{key}.json"
+    cache_file = cache_dir() / f"corpus-v2-{key}.json"  # v2: with calibration_texts
     if use_cache and cache_file.is_file():
         data = json.loads(cache_file.read_text(encoding="utf-8"))
         log.info("corpus counts from cache %s (%d documents)", cache_file, data["documents"])
         return CorpusStats(Counter(data["chars"]), Counter(data["runs"]), data["test_texts"],
-                           data["documents"], str(corpus))
+                           data["documents"], str(corpus), data["calibration_texts"])
 
     start = time.monotonic()
     test_texts: list[str] = []
+    calibration_texts: list[str] = []
     chars: Counter = Counter()
     runs: Counter = Counter()
     documents = 0
@@ -153,6 +161,9 @@ def corpus_stats(corpus: str | Path, use_cache: bool = True) -> CorpusStats:
                     test_texts.append(doc.text)
                 continue
             documents += 1
+            if (len(calibration_texts) < MAX_CALIBRATION_TEXTS
+                    and zlib.crc32(doc.text.encode("utf-8")) % CALIBRATION_EVERY == 0):
+                calibration_texts.append(doc.text)
             chars.update(CJK_CHAR_RE.findall(doc.text))
             runs.update(NON_CJK_RUN_RE.findall(doc.text))
         if number % 20 == 0:
@@ -162,13 +173,14 @@ def corpus_stats(corpus: str | Path, use_cache: bool = True) -> CorpusStats:
         raise ToolError(f"{corpus}: no Chinese text found in the corpus")
     log.info("counted %d training documents, %d CJK characters, in %.1f s",
              documents, sum(chars.values()), time.monotonic() - start)
-    stats = CorpusStats(chars, runs, test_texts, documents, str(corpus))
+    stats = CorpusStats(chars, runs, test_texts, documents, str(corpus), calibration_texts)
     if use_cache:
         try:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache_file.with_suffix(".tmp")
             tmp.write_text(json.dumps({"documents": documents, "chars": chars, "runs": runs,
-                                       "test_texts": test_texts}, ensure_ascii=False), encoding="utf-8")
+                                       "test_texts": test_texts, "calibration_texts": calibration_texts},
+                                      ensure_ascii=False), encoding="utf-8")
             tmp.replace(cache_file)
         except OSError as exc:  # a read-only home must not stop the build
             log.warning("cannot write corpus cache %s: %s", cache_file, exc)

@@ -222,6 +222,12 @@ def unbundle(bundle_dir: Path, out: Path, check_rows: int = 200) -> dict:
         bundle_model = onnx.load(str(model_file))
     except Exception as exc:  # onnx raises DecodeError and others for a broken file
         raise ToolError(f"{model_file}: not a readable ONNX model ({exc})") from exc
+    packed = {n.op_type for n in bundle_model.graph.node} & {"MatMulNBits", "GatherBlockQuantized"}
+    if packed:
+        # 4-bit blocks are packed two to a byte in ONNX Runtime's own layout; reading
+        # them back is not supported (and would give a 4-bit model to train on).
+        raise ToolError(f"{model_file}: an int4 bundle ({', '.join(sorted(packed))}); unbundle an FP32 or "
+                        "INT8 bundle of the model instead")
     log.info("reading %s (%s)", model_file, "INT8" if manifest.quantization else "FP32")
     state, counts = recover_state_dict(model, bundle_model)
     model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, strict=False)
