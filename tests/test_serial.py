@@ -473,3 +473,82 @@ def test_cli_serial_command_end_to_end(peer):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+class _SlowSession:
+    """An ONNX Runtime session whose every pass takes at least ``delay_s`` (a busy
+    board), so that an HTTP flood really keeps the engine occupied."""
+
+    def __init__(self, session, delay_s: float):
+        self._session, self._delay_s = session, delay_s
+
+    def run(self, *args, **kwargs):
+        time.sleep(self._delay_s)
+        return self._session.run(*args, **kwargs)
+
+
+@pytest.mark.skipif(not (TINY_BUNDLE / "manifest.json").is_file(), reason="tests/fixtures/tiny_bundle not built yet")
+def test_serial_is_answered_while_http_is_flooded(peer):
+    """`serve --serial`: one engine behind the HTTP app and the serial port. A flood
+    of HTTP requests past the admission limits is shed with 503s, and a query on the
+    serial line is answered during the flood, after at most the passes that admission
+    let in ahead of it (the engine's queue is first come, first served), not after
+    the flood."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from waitress.server import create_server
+
+    from edge.app import create_app
+    from edge.engine import Engine
+
+    engine = Engine.from_bundle(TINY_BUNDLE, threads=1, batch_window_ms=0.0, cache_size=0)
+    engine.session = _SlowSession(engine.session, 0.05)
+    app = create_app(engine=engine, config={"MAX_ACTIVE": 1, "MAX_WAITING": 1, "MAX_WAIT_MS": 5000})
+    server = create_server(app, host="127.0.0.1", port=0, threads=12)
+    threading.Thread(target=server.run, daemon=True).start()
+    url = f"http://127.0.0.1:{server.effective_port}/api/predict"
+    flooding = threading.Event()
+    flooding.set()
+    statuses: list[int] = []
+
+    def flood(worker: int) -> None:
+        n = 0
+        while flooding.is_set():
+            body = json.dumps({"text": f"第{worker}路第{n}句[MASK]。"}).encode()
+            request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    statuses.append(response.status)
+            except urllib.error.HTTPError as exc:
+                statuses.append(exc.code)
+                time.sleep(0.01)  # a shed client comes straight back, as a flood does
+            n += 1
+
+    clients = [threading.Thread(target=flood, args=(k,)) for k in range(8)]
+    terminal = start_terminal(peer, engine, mode="line")
+    try:
+        for client in clients:
+            client.start()
+        deadline = time.monotonic() + TIMEOUT
+        while statuses.count(503) < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert statuses.count(503) >= 5, statuses  # the HTTP side is overloaded now
+        before = engine.stats()["batches_total"]
+        peer.send(json.dumps({"text": POEM, "top_k": 3}, ensure_ascii=False).encode() + b"\n")
+        answer = read_json(peer)
+        passes = engine.stats()["batches_total"] - before
+        assert flooding.is_set() and all(c.is_alive() for c in clients)  # answered during the flood
+        assert len(answer["blanks"][0]["candidates"]) == 3
+        # Ahead of it at most the one admitted + one waiting HTTP request (one pass
+        # each for a one-character blank); a few more may start while it is read back.
+        assert passes <= 6, passes
+    finally:
+        flooding.clear()
+        for client in clients:
+            client.join(timeout=TIMEOUT)
+        terminal.close()
+        server.close()
+        engine.close()
+    assert statuses.count(200) >= 2 and set(statuses) <= {200, 503}
