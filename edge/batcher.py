@@ -73,23 +73,30 @@ class MicroBatcher:
     ``run_batch(input_ids, attention_mask, mask_positions) -> logits`` is called
     only from the worker thread. ``max_rows`` bounds a batch; a single request with
     more rows than that is still run whole (its rows belong together).
+
+    ``run_batch`` may be a list: one worker thread per entry (one ONNX Runtime
+    session each), all taking batches from the same first-come-first-served queue,
+    so that two requests can run at once on different cores.
+    ``on_thread_start(index)`` runs in worker ``index`` before it starts.
     """
 
     def __init__(
         self,
-        run_batch: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray],
+        run_batch: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | Sequence[Callable],
         pad_id: int,
         window_ms: float = 2.0,
         max_rows: int = 16,
         buckets: Sequence[int] = DEFAULT_BUCKETS,
-        on_thread_start: Callable[[], None] | None = None,
+        on_thread_start: Callable[[int], None] | None = None,
         busy: Callable[[], bool] | None = None,
     ):
         if window_ms < 0:
             raise ValueError(f"batch window must be >= 0 ms, got {window_ms}")
         if max_rows < 1:
             raise ValueError(f"max batch must be >= 1, got {max_rows}")
-        self.run_batch = run_batch
+        self.runners = list(run_batch) if isinstance(run_batch, (list, tuple)) else [run_batch]
+        if not self.runners:
+            raise ValueError("at least one run_batch is needed")
         self.pad_id = pad_id
         self.window_s = window_ms / 1000.0
         self.max_rows = max_rows
@@ -101,9 +108,12 @@ class MicroBatcher:
         self.batches_total = 0
         self.inferences_total = 0  # rows run
         self.batch_size_counts: dict[int, int] = {}  # requests per batch -> count
+        self.worker_batches = [0] * len(self.runners)  # batches each worker (session) ran
         self._closed = False
-        self._thread = threading.Thread(target=self._worker, name="ort-worker", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._worker, args=(k,), name=f"ort-worker-{k}", daemon=True)
+                         for k in range(len(self.runners))]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, rows: list[Row], timeout: float | None = 60.0) -> list[np.ndarray]:
         """Run ``rows`` (in some batch) and return each row's logits ``[n_positions, vocab]``."""
@@ -122,8 +132,10 @@ class MicroBatcher:
         """Stop the worker after the requests already queued."""
         if not self._closed:
             self._closed = True
-            self._queue.put(None)
-            self._thread.join(timeout=10)
+            for _ in self._threads:  # one stop mark per worker
+                self._queue.put(None)
+            for thread in self._threads:
+                thread.join(timeout=10)
 
     def stats(self) -> dict:
         """Counters for /metrics."""
@@ -132,16 +144,19 @@ class MicroBatcher:
                 "batches_total": self.batches_total,
                 "inferences_total": self.inferences_total,
                 "batch_size_counts": dict(self.batch_size_counts),
+                "worker_batches": list(self.worker_batches),
             }
 
     # -- worker ----------------------------------------------------------------
-    def _collect(self, first: _Request) -> tuple[list[_Request], bool]:
-        """Gather requests arriving within the window after ``first``."""
+    def _collect(self, first: _Request) -> tuple[list[_Request], bool, _Request | None]:
+        """Gather requests arriving within the window after ``first``; return them,
+        whether a stop mark was met, and a request that did not fit (next in line)."""
         batch = [first]
         rows = len(first.rows)
         wait = self.window_s if self._busy is None or self._busy() else 0.0
         deadline = time.monotonic() + wait
         stop = False
+        carry = None
         while rows < self.max_rows:
             remaining = deadline - time.monotonic()
             try:
@@ -153,39 +168,43 @@ class MicroBatcher:
                 break
             if rows + len(item.rows) > self.max_rows:
                 # Doesn't fit: run it in the next batch, first in line.
-                self._carry = item
+                carry = item
                 break
             batch.append(item)
             rows += len(item.rows)
-        return batch, stop
+        return batch, stop, carry
 
-    def _worker(self) -> None:
+    def _worker(self, index: int) -> None:
         if self._on_thread_start is not None:
-            self._on_thread_start()
-        self._carry: _Request | None = None
+            self._on_thread_start(index)
+        carry: _Request | None = None
         stop = False
         while not stop:
-            first = self._carry if self._carry is not None else self._queue.get()
-            self._carry = None
+            first = carry if carry is not None else self._queue.get()
+            carry = None
             if first is None:
                 break
-            batch, stop = self._collect(first)
-            self._run(batch)
-        # Fail whatever is left so no caller waits forever.
+            batch, stop, carry = self._collect(first)
+            self._run(batch, index)
+        # Fail whatever is left so no caller waits forever (each worker took one stop
+        # mark; another worker's mark goes back for it).
         while True:
             try:
-                item = self._carry or self._queue.get_nowait()
-                self._carry = None
+                item = carry or self._queue.get_nowait()
+                carry = None
             except queue.Empty:
                 break
-            if item is not None and not item.future.done():
+            if item is None:
+                self._queue.put(None)
+                break
+            if not item.future.done():
                 item.future.set_exception(RuntimeError("the inference worker is shut down"))
 
-    def _run(self, batch: list[_Request]) -> None:
+    def _run(self, batch: list[_Request], index: int) -> None:
         rows = [row for request in batch for row in request.rows]
         try:
             arrays = pad_rows(rows, self.buckets, self.pad_id)
-            logits = self.run_batch(*arrays)
+            logits = self.runners[index](*arrays)
         except Exception as exc:  # a failure answers every waiting caller
             log.exception("inference failed for a batch of %d rows", len(rows))
             for request in batch:
@@ -193,6 +212,7 @@ class MicroBatcher:
             return
         with self._lock:
             self.batches_total += 1
+            self.worker_batches[index] += 1
             self.inferences_total += len(rows)
             self.batch_size_counts[len(batch)] = self.batch_size_counts.get(len(batch), 0) + 1
         offset = 0

@@ -134,6 +134,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="inference threads; None: one per core this process may use (see CPUAffinity=)",
     )
+    group.add_argument(
+        "--sessions", type=positive_int, default=1,
+        help="ONNX Runtime sessions sharing the threads, each running its own batch on its own cores "
+             "(2 with 2 threads: two requests at once instead of each split over both cores)",
+    )
     group.add_argument("--spin", action="store_true", help="let ONNX Runtime threads spin (faster, burns idle CPU)")
     group.add_argument(
         "--batch-window-ms", type=float, default=2.0, help="how long to wait for more requests to batch together"
@@ -210,6 +215,7 @@ def load_engine(args: argparse.Namespace) -> Any:
     return Engine.from_bundle(
         path=args.bundle,
         threads=args.threads,
+        sessions=args.sessions,
         spin=args.spin,
         batch_window_ms=args.batch_window_ms,
         max_batch=args.max_batch,

@@ -136,6 +136,10 @@ class EngineConfig:
     # that on bert-base) while everyone else waited. Checked before each model run.
     max_request_rows: int = 400
     request_timeout_s: float = 5.0
+    # ONNX Runtime sessions, each with threads // sessions intra-op threads on its own
+    # cores and its own worker taking batches from the shared queue: 2 x 1 thread runs
+    # two requests at once where 1 x 2 splits each one (README, "Limits under load").
+    sessions: int = 1
 
 
 @dataclass
@@ -206,18 +210,26 @@ class Engine:
 
         self.cores = usable_cores()
         self.threads = thread_count(cfg.threads)
+        if not isinstance(cfg.sessions, int) or isinstance(cfg.sessions, bool) or cfg.sessions < 1:
+            raise ValueError(f"sessions must be a positive integer, got {cfg.sessions!r}")
+        if cfg.sessions > self.threads:
+            raise ValueError(f"{cfg.sessions} sessions need at least as many threads, got {self.threads}")
         limit_malloc_retention()  # before ONNX Runtime parses the model (see edge/memory.py)
-        self.session = self._make_session()
+        # Session k: threads_per_session threads on its own slice of the cores.
+        self.threads_per_session = self.threads // cfg.sessions
+        self.session_cores = [self.cores[k * self.threads_per_session:(k + 1) * self.threads_per_session]
+                              or self.cores for k in range(cfg.sessions)]
+        self.sessions = [self._make_session(cores) for cores in self.session_cores]
         self.cache = LRUCache(cfg.cache_size)
         self._in_flight = 0  # public calls at work now (the batcher waits for company only if > 1)
         self.batcher = MicroBatcher(
-            self._run_session,
+            [self._session_runner(k) for k in range(cfg.sessions)],
             pad_id=self.pad_id,
             window_ms=cfg.batch_window_ms,
             max_rows=cfg.max_batch,
             buckets=[b for b in cfg.buckets if b <= self.window] + [self.window],
             on_thread_start=self._pin_worker,
-            busy=lambda: self._in_flight > 1,
+            busy=lambda: self._in_flight > cfg.sessions,
         )
         self._closed = False
         self._lock = threading.Lock()
@@ -225,9 +237,9 @@ class Engine:
         if self.manifest.random_init:
             log.warning("%s: %s", bundle.path, RANDOM_INIT_WARNING)
         log.info(
-            "engine ready: %s (%s), vocab %d, window %d, %d threads on cores %s, spinning %s",
-            self.manifest.name, bundle.path, size, self.window, self.threads, self.cores,
-            "on" if cfg.spin else "off",
+            "engine ready: %s (%s), vocab %d, window %d, %d session(s) x %d threads on cores %s, spinning %s",
+            self.manifest.name, bundle.path, size, self.window, cfg.sessions, self.threads_per_session,
+            self.session_cores, "on" if cfg.spin else "off",
         )
 
     @classmethod
@@ -259,9 +271,10 @@ class Engine:
         return fusion
 
     # -- session ---------------------------------------------------------------
-    def _make_session(self) -> ort.InferenceSession:
+    def _make_session(self, cores: list[int]) -> ort.InferenceSession:
+        threads = self.threads_per_session
         options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
+        options.intra_op_num_threads = threads
         # One graph branch at a time: BERT is a chain, parallel branches only add threads.
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -274,7 +287,7 @@ class Engine:
         spin = "1" if self.config.spin else "0"
         options.add_session_config_entry("session.intra_op.allow_spinning", spin)
         options.add_session_config_entry("session.inter_op.allow_spinning", spin)
-        affinities = ort_thread_affinities(self.threads, self.cores)
+        affinities = ort_thread_affinities(threads, cores)
         if affinities:
             options.add_session_config_entry("session.intra_op_thread_affinities", affinities)
         try:
@@ -284,13 +297,23 @@ class Engine:
         except Exception as exc:  # onnxruntime raises its own exception types
             raise BundleError(f"{self.bundle.model_path}: ONNX Runtime cannot load it: {exc}") from exc
 
-    def _pin_worker(self) -> None:
-        """Pin the worker (ONNX Runtime's first intra-op thread) to the first usable core."""
-        if ort_thread_affinities(self.threads, self.cores) and hasattr(os, "sched_setaffinity"):
-            os.sched_setaffinity(0, {self.cores[0]})
+    def _pin_worker(self, index: int) -> None:
+        """Pin worker ``index`` (its session's first intra-op thread) to the first core
+        of its session's cores: always with several sessions (each owns its cores),
+        with one only where ONNX Runtime pins the other threads."""
+        cores = self.session_cores[index]
+        several = len(self.sessions) > 1 and len(self.cores) >= len(self.sessions) * self.threads_per_session
+        if (several or ort_thread_affinities(self.threads_per_session, cores)) and hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, {cores[0]})
 
-    def _run_session(self, input_ids, attention_mask, mask_positions) -> np.ndarray:
-        return self.session.run(
+    def _session_runner(self, index: int):
+        """The batcher's ``run_batch`` for session ``index``."""
+        def run(input_ids, attention_mask, mask_positions) -> np.ndarray:
+            return self._run_session(input_ids, attention_mask, mask_positions, index)
+        return run
+
+    def _run_session(self, input_ids, attention_mask, mask_positions, index: int = 0) -> np.ndarray:
+        return self.sessions[index].run(
             None,
             {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask, MASK_POSITIONS: mask_positions},
         )[0]
@@ -801,6 +824,7 @@ class Engine:
             "files": {name: {"size": e.size, "sha256": e.sha256} for name, e in m.files.items()},
             "bundle": str(self.bundle.path),
             "threads": self.threads,
+            "sessions": len(self.sessions),
             "cores": self.cores,
             "spin": self.config.spin,
             "batch_window_ms": self.config.batch_window_ms,

@@ -380,3 +380,41 @@ def test_a_lone_query_does_not_wait_the_batch_window(tiny_fp32_bundle_dir):
         assert eng.batcher._busy() is False  # nothing else in flight now
     finally:
         eng.close()
+
+
+def test_two_sessions_share_the_queue_and_answer_as_one(tiny_fp32_bundle_dir):
+    """--sessions 2: two ONNX Runtime sessions (one thread each) take batches from the
+    same queue; concurrent requests run on both and get the answers one session gives."""
+    expected, _ = run_concurrently(tiny_fp32_bundle_dir, BATCH_TEXTS, batch_window_ms=0.0, max_batch=1)
+    results: dict[str, dict] = {}
+    eng = Engine.from_bundle(tiny_fp32_bundle_dir, threads=2, sessions=2, batch_window_ms=0.0, max_batch=1,
+                             cache_size=0)
+    try:
+        assert len(eng.sessions) == 2 and eng.info()["sessions"] == 2 and eng.threads_per_session == 1
+
+        def ask(text: str) -> None:
+            for _ in range(5):
+                results[text] = eng.predict(text)
+
+        threads = [threading.Thread(target=ask, args=(t,)) for t in BATCH_TEXTS]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        per_worker = eng.stats()["worker_batches"]
+    finally:
+        eng.close()
+    assert len(per_worker) == 2 and min(per_worker) > 0, per_worker  # both sessions ran batches
+    for text in BATCH_TEXTS:
+        got, want = results[text]["blanks"], expected[text]
+        assert [[c["text"] for c in b["candidates"]] for b in got] == [[c["text"] for c in b["candidates"]] for b in want]
+        for gb, wb in zip(got, want):
+            for gc, wc in zip(gb["candidates"], wb["candidates"]):
+                assert gc["score"] == pytest.approx(wc["score"], rel=1e-4)
+
+
+def test_sessions_must_fit_the_threads(tiny_bundle_dir):
+    with pytest.raises(ValueError, match="3 sessions need at least as many threads, got 2"):
+        Engine.from_bundle(tiny_bundle_dir, threads=2, sessions=3)
+    with pytest.raises(ValueError, match="sessions must be a positive integer"):
+        Engine.from_bundle(tiny_bundle_dir, threads=2, sessions=0)

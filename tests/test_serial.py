@@ -504,7 +504,7 @@ def test_serial_is_answered_while_http_is_flooded(peer):
     from edge.engine import Engine
 
     engine = Engine.from_bundle(TINY_BUNDLE, threads=1, batch_window_ms=0.0, cache_size=0)
-    engine.session = _SlowSession(engine.session, 0.05)
+    engine.sessions[0] = _SlowSession(engine.sessions[0], 0.05)
     app = create_app(engine=engine, config={"MAX_ACTIVE": 1, "MAX_WAITING": 1, "MAX_WAIT_MS": 5000})
     server = create_server(app, host="127.0.0.1", port=0, threads=12)
     threading.Thread(target=server.run, daemon=True).start()

@@ -489,6 +489,9 @@ def run(args: argparse.Namespace) -> int:
         configs = {
             "batching-on": {"batch_window_ms": args.batch_window_ms, "max_batch": args.max_batch},
             "batching-off": {"batch_window_ms": 0.0, "max_batch": 1},
+            # threads // 2 each: two requests run at once instead of one split in two
+            **({"2-sessions": {"batch_window_ms": args.batch_window_ms, "max_batch": args.max_batch,
+                               "sessions": 2}} if args.threads >= 2 else {}),
         }
         log.info("== HTTP load test on %s: rates %s req/s, %.0f s each", spec.bundle, rates, args.load_seconds)
         pool = inputs["load_pool"]

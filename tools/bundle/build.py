@@ -99,6 +99,62 @@ def write_bundle(folder: Path, model_file: Path, tok_json: str, manifest, check=
             shutil.rmtree(staging)
 
 
+def check_fp32_parity(ckpt, fp32: Path, special: dict[str, int], seed: int):
+    """The FP32 export's ONNX Runtime session and its parity with PyTorch; ToolError
+    (nothing written) when they differ beyond the tolerance."""
+    from tools.bundle.verify import check_parity, ort_session
+
+    session = ort_session(fp32)
+    parity = check_parity(ckpt.model, session, special, seed=seed)
+    log.info("FP32 parity: max|diff| %.3g (tolerance %.3g, logit scale %.3g), top-1 agreement %.4f",
+             parity.max_abs_diff, parity.tolerance, parity.logit_scale, parity.top1_agreement)
+    if not parity.passed:
+        raise ToolError(f"FP32 ONNX export does not match PyTorch (max|diff| {parity.max_abs_diff:.3g} > "
+                        f"{parity.tolerance:.3g}); bundle not written")
+    return session, parity
+
+
+def compare_with_fp32(ckpt, stats, special: dict[str, int], fp32_session, quantized: Path, label: str,
+                      samples: int, seed: int) -> dict[str, Any]:
+    """Top-1 agreement / top-5 overlap of the quantized model with FP32 on masked
+    characters of held-apart corpus lines (seeded random inputs without a corpus)."""
+    from tools.bundle.verify import ClozeBatch, cloze_batches, compare_models, ort_session, seeded_inputs, session_fn
+
+    config = ckpt.model.config
+    texts = stats.test_texts if stats else []
+    batches = cloze_batches(ckpt.tokenizer, texts, special, n_samples=samples, seed=seed,
+                            max_length=min(64, config.max_position_embeddings)) if texts else []
+    inputs = "masked CJK characters in held-apart corpus lines (test split)"
+    if not batches:
+        inputs = "seeded random token sequences (no corpus given)"
+        batches = [ClozeBatch(*seeded_inputs(config.vocab_size, special, 4, 24, 2, seed + 100 + k),
+                              answers=np.full((4, 2), -1, dtype=np.int64)) for k in range(8)]
+    agreement = compare_models(session_fn(fp32_session), session_fn(ort_session(quantized)), batches)
+    agreement["inputs"] = inputs
+    log.info("%s vs FP32 over %d masked positions: top-1 agreement %.4f, top-5 overlap %.4f",
+             label, agreement["masked_positions"], agreement["top1_agreement"], agreement["top5_overlap"])
+    if ckpt.random_init:
+        log.info("(random weights: agreement says nothing about accuracy)")
+    return agreement
+
+
+def manifest_fields(ckpt, source: str, special: dict[str, int], plan, notes: str) -> dict[str, Any]:
+    """The manifest fields a quantized bundle and its FP32 twin share."""
+    import edge
+    from edge.manifest import Architecture
+    from tools.bundle.checkpoint import architecture_of
+
+    config = ckpt.model.config
+    return dict(
+        training=training_summary(source),
+        source=ckpt.source, source_revision=ckpt.revision, architecture=Architecture(**architecture_of(config)),
+        vocab_size=config.vocab_size, special_ids=special, max_length=config.max_position_embeddings,
+        random_init=ckpt.random_init, tool_version=edge.__version__, vocab=plan.info(),
+        notes=notes or (f"RANDOM WEIGHTS (torch seed {ckpt.seed}): for speed/size benchmarks only; "
+                        "answers are meaningless." if ckpt.random_init else ""),
+    )
+
+
 def build_bundle(source: str, out: str | Path, vocab_size: int | None = None, corpus: str | Path | None = None,
                  random_init: bool = False, seed: int = 0, revision: str | None = None, name: str | None = None,
                  keep_fp32: bool = False, optimize: bool = False, samples: int = 200, notes: str = "",
@@ -109,14 +165,12 @@ def build_bundle(source: str, out: str | Path, vocab_size: int | None = None, co
     Raises ToolError (nothing written) on a bad checkpoint/corpus/option, or when the
     FP32 export does not match PyTorch.
     """
-    import edge
-    from edge.manifest import Architecture, Manifest
-    from tools.bundle.checkpoint import architecture_of, load_checkpoint
+    from edge.manifest import Manifest
+    from tools.bundle.checkpoint import load_checkpoint
     from tools.bundle.export_onnx import export_onnx
     from tools.bundle.quantize import QUANTIZATION_METHODS, QUANTIZED_NAME, optimize_model, quantize
     from tools.bundle.trim_vocab import corpus_stats, log_plan, plan_trim, trim_checkpoint
-    from tools.bundle.verify import (check_parity, cloze_batches, compare_models, ort_session, seeded_inputs,
-                              session_fn, verify_bundle)
+    from tools.bundle.verify import verify_bundle
 
     out = Path(out)
     _prepare_out(out)
@@ -165,13 +219,7 @@ def build_bundle(source: str, out: str | Path, vocab_size: int | None = None, co
                     sizes["fp32_optimized_onnx"] = fp32.stat().st_size
 
         with step("check FP32 parity with PyTorch", timings):
-            fp32_session = ort_session(fp32)
-            parity = check_parity(ckpt.model, fp32_session, special, seed=seed)
-            log.info("FP32 parity: max|diff| %.3g (tolerance %.3g, logit scale %.3g), top-1 agreement %.4f",
-                     parity.max_abs_diff, parity.tolerance, parity.logit_scale, parity.top1_agreement)
-            if not parity.passed:
-                raise ToolError(f"FP32 ONNX export does not match PyTorch (max|diff| {parity.max_abs_diff:.3g} > "
-                                f"{parity.tolerance:.3g}); bundle not written")
+            fp32_session, parity = check_fp32_parity(ckpt, fp32, special, seed)
 
         label = QUANTIZED_NAME[quantization]
         with step(f"quantize ({quantization})", timings):
@@ -183,22 +231,7 @@ def build_bundle(source: str, out: str | Path, vocab_size: int | None = None, co
             sizes["quantized_onnx"] = quantized.stat().st_size
 
         with step(f"compare {label} with FP32", timings):
-            quantized_session = ort_session(quantized)
-            texts = stats.test_texts if stats else []
-            batches = cloze_batches(ckpt.tokenizer, texts, special, n_samples=samples, seed=seed,
-                                    max_length=min(64, config.max_position_embeddings)) if texts else []
-            inputs = "masked CJK characters in held-apart corpus lines (test split)"
-            if not batches:
-                from tools.bundle.verify import ClozeBatch
-                inputs = "seeded random token sequences (no corpus given)"
-                batches = [ClozeBatch(*seeded_inputs(config.vocab_size, special, 4, 24, 2, seed + 100 + k),
-                                      answers=np.full((4, 2), -1, dtype=np.int64)) for k in range(8)]
-            agreement = compare_models(session_fn(fp32_session), session_fn(quantized_session), batches)
-            agreement["inputs"] = inputs
-            log.info("%s vs FP32 over %d masked positions: top-1 agreement %.4f, top-5 overlap %.4f",
-                     label, agreement["masked_positions"], agreement["top1_agreement"], agreement["top5_overlap"])
-            if ckpt.random_init:
-                log.info("(random weights: agreement says nothing about accuracy)")
+            agreement = compare_with_fp32(ckpt, stats, special, fp32_session, quantized, label, samples, seed)
 
         tok_json = tokenizer_json(ckpt.tokenizer)
         sizes["tokenizer_json"] = len(tok_json.encode("utf-8"))
@@ -210,15 +243,7 @@ def build_bundle(source: str, out: str | Path, vocab_size: int | None = None, co
             "build_seconds": {},
         }
         base_name = name or f"{Path(ckpt.source.rstrip('/')).name}-v{config.vocab_size}"
-        arch = Architecture(**architecture_of(config))
-        manifest_common = dict(
-            training=training_summary(source),
-            source=ckpt.source, source_revision=ckpt.revision, architecture=arch, vocab_size=config.vocab_size,
-            special_ids=special, max_length=config.max_position_embeddings, random_init=ckpt.random_init,
-            tool_version=edge.__version__, vocab=plan.info(),
-            notes=notes or (f"RANDOM WEIGHTS (torch seed {ckpt.seed}): for speed/size benchmarks only; "
-                            "answers are meaningless." if ckpt.random_init else ""),
-        )
+        manifest_common = manifest_fields(ckpt, source, special, plan, notes)
 
         def reload_check(folder: Path) -> None:
             # The staged files, read back with ONNX Runtime + tokenizers alone: hashes,
