@@ -15,11 +15,14 @@ VOCAB ?=
 CORPUS ?=
 RANDOM_INIT ?=
 
+# make image / image-check (KIOSK=1: the image with the kiosk session)
+KIOSK ?=
+
 # make distill-compare
 TEACHER ?= runs/wwm-4x128-mixed/checkpoint
 MINUTES ?= 12
 
-.PHONY: run test model default-model default-fusion distill-compare presets venv venv-dev browser dist arm-check bench clean help
+.PHONY: run test model default-model default-fusion distill-compare presets venv venv-dev browser dist arm-check image image-check bench clean help
 
 help:
 	@echo "make run    - serve the embedded default model on http://$(HOST):$(PORT)/"
@@ -29,6 +32,8 @@ help:
 	@echo "make default-fusion [SHIP=1] - word LM + phrase memory + fitted fusion weights for the default (~10 min)"
 	@echo "make distill-compare [TEACHER=ckpt] [MINUTES=n] - distilled vs scratch student vs teacher report"
 	@echo "make presets - hub checkpoints: shapes, FLOPs, latency measured here (random weights)"
+	@echo "make image [KIOSK=1] - flashable Raspberry Pi 3/4/400/Zero 2 W SD-card image in dist/ (root, loop devices)"
+	@echo "make image-check [KIOSK=1] - boot that image under qemu-system-aarch64 and check the live system (root)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -93,6 +98,18 @@ dist: $(VENV)/.runtime-stamp
 # run the runtime's tests and predictions, compare with x86 (needs root).
 arm-check: dist
 	tools/board/arm_check.sh
+
+# A flashable SD-card image for the Raspberry Pi 3/4/400/Zero 2 W: Debian bookworm arm64
+# from Debian's packages (debootstrap stage cached in /var/tmp) with the dist archive
+# installed offline: dist/fillmask-edge-VERSION-rpi-arm64[-kiosk].img.xz, .sha256, .bmap
+# (needs root and loop devices).
+image: dist
+	tools/board/make_image.sh $(if $(KIOSK),--kiosk)
+
+# Boot the image under qemu-system-aarch64 (TCG, its own kernel and initrd) and check
+# the live system through ports forwarded to 127.0.0.1 (needs root).
+image-check:
+	tools/board/image_check.sh $(if $(KIOSK),--kiosk)
 
 # Side-by-side benchmark (PyTorch pipeline / plain ORT FP32 / this runtime) and the
 # HTTP load test; results in out/bench/results.md, results.json, bench.png.

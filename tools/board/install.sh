@@ -4,9 +4,11 @@
 #   sudo ./install.sh [--serial ttyUSB0]... [--kiosk] [--bundle NAME] [--no-start]
 #
 #   --serial DEV   also enable fillmask-edge-serial@DEV.service (repeatable)
-#   --kiosk        also enable the kiosk display unit (needs cage and chromium)
+#   --kiosk        also enable the kiosk display unit (needs cage and chromium; brings
+#                  the CJK and emoji fonts with apt if they are missing)
 #   --bundle NAME  serve bundles/NAME from this archive instead of the embedded model
-#   --no-start     install and enable, but do not start anything
+#   --no-start     install and enable, but do not start anything (also in a chroot
+#                  without systemd running, e.g. building an SD-card image)
 #
 # What it does: checks SHA256SUMS; creates a venv in /opt/fillmask-edge/venv from
 # the archive's wheels only (pip --no-index); copies bundles to
@@ -14,7 +16,8 @@
 # settings into /etc/default/fillmask-edge (an existing one is kept, the new one is
 # left beside it as .dist); reloads systemd, enables and starts the service and
 # waits for /healthz. Where systemd is not running (a chroot, a container) it
-# installs the files and checks the runtime with one prediction instead.
+# installs the files and checks the runtime with one prediction instead (and with
+# --no-start enables the units offline).
 # Undo with /opt/fillmask-edge/uninstall.sh.
 set -eu
 
@@ -40,7 +43,7 @@ while [ $# -gt 0 ]; do
         --kiosk) KIOSK=yes; shift ;;
         --bundle) [ $# -ge 2 ] || die "--bundle needs a name from bundles/"; BUNDLE=$2; shift 2 ;;
         --no-start) START=no; shift ;;
-        -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
 done
@@ -111,6 +114,21 @@ if [ "$KIOSK" = yes ] && ! id "$KIOSK_USER" >/dev/null 2>&1; then
         "$KIOSK_USER"
 fi
 
+# The kiosk page is Chinese with emoji: without a CJK and an emoji font Chromium
+# draws boxes. Debian / Pi OS packages; where apt cannot reach a mirror, say so.
+if [ "$KIOSK" = yes ]; then
+    FONTS_MISSING=""
+    for pkg in fonts-wqy-microhei fonts-noto-color-emoji; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || FONTS_MISSING="$FONTS_MISSING $pkg"
+    done
+    if [ -n "$FONTS_MISSING" ]; then
+        step "installing the kiosk page's fonts:$FONTS_MISSING"
+        if ! { command -v apt-get >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $FONTS_MISSING; }; then
+            echo "    warning: could not install$FONTS_MISSING: the kiosk page shows boxes for Chinese text and emoji; later: sudo apt install$FONTS_MISSING"
+        fi
+    fi
+fi
+
 # Settings as the services will see them (for the health check below).
 PORT=$(sed -n 's/^FILLMASK_PORT=//p' "$DEFAULTS" | tail -n 1)
 PORT=${PORT:-8000}
@@ -122,7 +140,14 @@ if [ "$SYSTEMD" = no ]; then
     step "systemd is not running here: units installed but not enabled; checking the runtime directly"
     BUNDLE_NOW=$(sed -n 's/^FILLMASK_BUNDLE=//p' "$DEFAULTS" | tail -n 1)
     "$PREFIX/venv/bin/python" -m edge predict ${BUNDLE_NOW:+--bundle "$BUNDLE_NOW"} "床前明月光，疑是地[MASK]霜。"
-    echo "installed (enable later with: systemctl enable --now $UNITS)"
+    if [ "$START" = no ] && command -v systemctl >/dev/null; then
+        # e.g. building a card image in a chroot: enable offline, start at boot.
+        step "enabling $UNITS (offline)"
+        systemctl enable $UNITS
+        echo "installed and enabled: they start at the next boot"
+    else
+        echo "installed (enable later with: systemctl enable --now $UNITS)"
+    fi
     exit 0
 fi
 

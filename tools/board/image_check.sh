@@ -1,0 +1,372 @@
+#!/usr/bin/env bash
+# Boot the Raspberry Pi image under qemu-system-aarch64 and check the live system.
+#
+#   sudo tools/board/image_check.sh [--image dist/fillmask-edge-*-rpi-arm64.img.xz]
+#                                   [--kiosk] [--boot-timeout 1500] [--smp 2] [--keep]
+#
+# The image's own kernel and initrd (from its FAT partition) on qemu's "virt"
+# machine, cortex-a72 (the Pi 4's core), TCG only (no KVM). The card is a copy of
+# the image made 1 GiB larger (a bigger card: the first boot must grow the root).
+# Before booting, fillmask.txt on the copy's FAT partition gets: hostname, lan = on,
+# an API token, serial = usb hvc0 (a virtio console whose other end is a pty on this
+# machine) and an SSH key made for this run. Every port is forwarded to 127.0.0.1
+# only. Checks (each timed, each can fail):
+#   boot-to-first-answer; HTTP unit active; /healthz; /api/predict refused without
+#   the token and equal to x86's answer (.venv python -m edge predict --json here)
+#   with it; hardening live (systemctl show: DynamicUser, ProtectSystem,
+#   SystemCallFilter; the process's uid and Seccomp mode; systemd-analyze security
+#   <= 2.5); the serial unit answering a query typed into the pty; the settings
+#   applied (hostname, token, LAN bind, SSH key, report file); first boot (root
+#   grown, machine-id, SSH host keys); no error lines from our units in the journal;
+#   then a bad value is written into fillmask.txt and the board rebooted: it comes
+#   back serving, the bad value is reported in the journal, the rest applied.
+# Exit status 0 only if every check passed. Logs in /var/tmp/fillmask-image-check/.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+IMAGE=""
+BOOT_TIMEOUT=1500
+SMP=2
+KEEP=no
+VARIANT=""
+WORK=/var/tmp/fillmask-image-check
+HOST_PYTHON=${PYTHON:-$REPO/.venv/bin/python}
+QUERY="床前明月光，疑是地[MASK]霜。"
+TOLERANCE=0.02
+
+die() { echo "image_check: error: $*" >&2; exit 2; }
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --image) [ $# -ge 2 ] || die "--image needs a file"; IMAGE=$(realpath "$2"); shift 2 ;;
+        --boot-timeout) BOOT_TIMEOUT=$2; shift 2 ;;
+        --smp) SMP=$2; shift 2 ;;
+        --keep) KEEP=yes; shift ;;
+        --kiosk) VARIANT=-kiosk; shift ;;
+        -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) die "unknown option $1 (see --help)" ;;
+    esac
+done
+[ "$(id -u)" = 0 ] || die "needs root (apt-get for missing tools; the card copy in /var/tmp)"
+[ -x "$HOST_PYTHON" ] || die "no $HOST_PYTHON (make venv-dev): the x86 reference answer comes from it"
+if [ -z "$IMAGE" ]; then
+    IMAGE=$(ls -t "$REPO"/dist/fillmask-edge-*-rpi-arm64$VARIANT.img.xz 2>/dev/null | head -n 1 || true)
+    [ -n "$IMAGE" ] || die "no dist/fillmask-edge-*-rpi-arm64$VARIANT.img.xz: run make image${VARIANT:+ KIOSK=1} first"
+fi
+[ -f "$IMAGE" ] || die "no image at $IMAGE"
+
+START=$(date +%s)
+LAST=$START
+step() { echo; echo "==> [$(( $(date +%s) - START ))s] $*"; }
+lap() { local now; now=$(date +%s); echo "    ($(( now - LAST ))s)"; LAST=$now; }
+PASSED=()
+FAILED=()
+pass() { PASSED+=("$1"); echo "    PASS $1${2:+: $2}"; }
+fail() { FAILED+=("$1"); echo "    FAIL $1${2:+: $2}"; }
+check() {  # check NAME CONDITION-COMMAND... (DETAIL from $DETAIL)
+    local name=$1; shift
+    if "$@"; then pass "$name" "${DETAIL:-}"; else fail "$name" "${DETAIL:-}"; fi
+    DETAIL=""
+}
+DETAIL=""
+
+# -- host tools ------------------------------------------------------------------------
+step "host tools"
+missing=()
+command -v qemu-system-aarch64 >/dev/null || missing+=(qemu-system-arm)
+command -v ssh >/dev/null || missing+=(openssh-client)
+command -v curl >/dev/null || missing+=(curl)
+command -v sfdisk >/dev/null || missing+=(fdisk)
+command -v mcopy >/dev/null || missing+=(mtools)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "    installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+echo "    $(qemu-system-aarch64 --version | head -n 1)"
+lap
+
+QEMU_PID=""
+cleanup() {
+    if [ -n "$QEMU_PID" ] && kill -0 "$QEMU_PID" 2>/dev/null; then
+        kill "$QEMU_PID" 2>/dev/null || true
+        sleep 2
+        kill -9 "$QEMU_PID" 2>/dev/null || true
+    fi
+    [ -n "${PTY_PID:-}" ] && kill "$PTY_PID" 2>/dev/null || true
+    if [ "$KEEP" = no ] && [ -n "${CARD:-}" ]; then rm -f "$CARD"; fi
+    return 0
+}
+trap cleanup EXIT
+
+# -- the card: a copy of the image, larger, with test settings ------------------------------------
+step "the card: $(basename "$IMAGE") unpacked, 1 GiB larger"
+mkdir -p "$WORK"
+CARD=$WORK/card.img
+rm -f "$CARD"
+nice -n 19 xz -dc "$IMAGE" | dd of="$CARD" bs=4M conv=sparse status=none
+IMAGE_BYTES=$(stat -c %s "$CARD")
+truncate -s $(( IMAGE_BYTES + 1024 * 1024 * 1024 )) "$CARD"
+read -r BSTART BSIZE < <(sfdisk -d "$CARD" | sed -n "s|^${CARD}1 : start= *\([0-9]*\), size= *\([0-9]*\).*|\1 \2|p")
+read -r RSTART RSIZE < <(sfdisk -d "$CARD" | sed -n "s|^${CARD}2 : start= *\([0-9]*\), size= *\([0-9]*\).*|\1 \2|p")
+[ -n "$BSTART" ] && [ -n "$RSTART" ] || die "$IMAGE has no two-partition MBR (sfdisk -d shows: $(sfdisk -d "$CARD" | tail -n 2 | tr '\n' ' '))"
+ROOT_PART_BYTES=$(( RSIZE * 512 ))
+echo "    image $(( IMAGE_BYTES / 1048576 )) MiB, root partition $(( ROOT_PART_BYTES / 1048576 )) MiB; card $(( $(stat -c %s "$CARD") / 1048576 )) MiB"
+
+ssh-keygen -q -t ed25519 -N '' -C fillmask-image-check -f "$WORK/id_ed25519" <<< y >/dev/null 2>&1 || true
+[ -f "$WORK/id_ed25519.pub" ] || die "ssh-keygen failed"
+TOKEN=check-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')
+# The FAT partition through mtools (no vfat driver needed on this machine).
+export MTOOLS_SKIP_CHECK=1
+FAT="$CARD@@$(( BSTART * 512 ))"
+mdir -i "$FAT" -b ::/ > "$WORK/boot-files.txt" || die "cannot read the boot partition of $IMAGE"
+grep -qx '::/fillmask.txt' "$WORK/boot-files.txt" || die "no fillmask.txt on the boot partition of $IMAGE"
+KERNEL=$(sed -n 's|^::/\(vmlinuz-.*\)|\1|p' "$WORK/boot-files.txt" | sort -V | tail -n 1)
+[ -n "$KERNEL" ] || die "no vmlinuz-* on the boot partition of $IMAGE"
+INITRD=initrd.img-${KERNEL#vmlinuz-}
+mcopy -n -i "$FAT" "::/$KERNEL" "$WORK/vmlinuz"
+mcopy -n -i "$FAT" "::/$INITRD" "$WORK/initrd.img" || die "no $INITRD beside $KERNEL on the boot partition"
+mcopy -n -i "$FAT" ::/fillmask.txt "$WORK/fillmask.txt.orig"
+mcopy -n -i "$FAT" ::/cmdline.txt "$WORK/cmdline.txt"
+sed -e 's/^hostname = .*/hostname = imagecheck/' -e 's/^lan = .*/lan = on/' \
+    -e "s/^api_token =.*/api_token = $TOKEN/" -e 's/^serial = .*/serial = usb hvc0/' \
+    -e "s|^ssh_key =.*|ssh_key = $(cat "$WORK/id_ed25519.pub")|" "$WORK/fillmask.txt.orig" > "$WORK/fillmask.txt"
+mcopy -o -i "$FAT" "$WORK/fillmask.txt" ::/fillmask.txt
+diff "$WORK/fillmask.txt.orig" "$WORK/fillmask.txt" | sed -n 's/^> /    fillmask.txt: /p' | sed "s/$TOKEN/<token>/"
+echo "    $KERNEL; cmdline.txt on the card (for the Pi): $(cat "$WORK/cmdline.txt")"
+lap
+
+# -- the x86 reference answer -----------------------------------------------------------------
+step "x86 reference: $HOST_PYTHON -m edge predict --json '$QUERY'"
+(cd "$REPO" && nice -n 19 "$HOST_PYTHON" -m edge predict --json --threads 1 "$QUERY") > "$WORK/x86.json" \
+    || die "the x86 prediction failed"
+"$HOST_PYTHON" -c 'import json,sys; b=json.load(open(sys.argv[1]))["blanks"][0]["candidates"]; print("    " + ", ".join(f"{c[\"text\"]} {c[\"score\"]:.4f}" for c in b))' "$WORK/x86.json"
+TOP=$("$HOST_PYTHON" -c 'import json,sys; print(json.load(open(sys.argv[1]))["blanks"][0]["candidates"][0]["text"])' "$WORK/x86.json")
+lap
+
+# -- boot ------------------------------------------------------------------------------------
+free_port() { "$HOST_PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+HTTP_PORT=$(free_port); SSH_PORT=$(free_port)
+while [ "$SSH_PORT" = "$HTTP_PORT" ]; do SSH_PORT=$(free_port); done
+APPEND="root=LABEL=RASPIROOT rw rootwait fsck.repair=yes net.ifnames=0 console=ttyAMA0,115200"
+step "booting: qemu-system-aarch64 -M virt -cpu cortex-a72 -smp $SMP -m 2048 (TCG), http 127.0.0.1:$HTTP_PORT, ssh 127.0.0.1:$SSH_PORT"
+: > "$WORK/console.log"
+BOOT_T0=$(date +%s.%N)
+nice -n 10 qemu-system-aarch64 -M virt -cpu cortex-a72 -smp "$SMP" -m 2048 -accel tcg,thread=multi \
+    -kernel "$WORK/vmlinuz" -initrd "$WORK/initrd.img" -append "$APPEND" \
+    -drive if=none,file="$CARD",format=raw,id=card -device virtio-blk-device,drive=card \
+    -netdev user,id=net0,hostfwd=tcp:127.0.0.1:$HTTP_PORT-:8000,hostfwd=tcp:127.0.0.1:$SSH_PORT-:22 \
+    -device virtio-net-device,netdev=net0 -device virtio-rng-device \
+    -device virtio-serial-device -chardev pty,id=term -device virtconsole,chardev=term \
+    -serial file:"$WORK/console.log" -display none -monitor none \
+    > "$WORK/qemu.log" 2>&1 &
+QEMU_PID=$!
+PTY=""
+for _ in $(seq 30); do
+    PTY=$(sed -n 's|.*char device redirected to \(/dev/pts/[0-9]*\) (label term).*|\1|p' "$WORK/qemu.log")
+    [ -n "$PTY" ] && break
+    kill -0 "$QEMU_PID" 2>/dev/null || { cat "$WORK/qemu.log"; die "qemu exited at once (see above)"; }
+    sleep 1
+done
+[ -n "$PTY" ] || die "qemu did not say which pty the virtio console is on ($WORK/qemu.log)"
+echo "    virtio console hvc0 <-> $PTY on this machine; guest console log: $WORK/console.log"
+# Keep the pty's host end open (and drained) until the check types into it: a closed
+# host end would make the guest's writes to hvc0 fail.
+"$HOST_PYTHON" - "$PTY" "$WORK/hvc0-boot.log" <<'EOF' &
+import os, sys, termios, tty, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_NOCTTY)
+tty.setraw(fd)
+with open(sys.argv[2], "ab") as log:
+    while True:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            time.sleep(0.5)
+            continue
+        log.write(data); log.flush()
+EOF
+PTY_PID=$!
+
+curl_api() { curl -sS -m 60 -o "$WORK/reply.json" -w '%{http_code}' "$@" 2>>"$WORK/curl.log" || true; }
+predict() {  # predict [TOKEN] -> HTTP status; body in reply.json
+    local auth=()
+    [ -n "${1:-}" ] && auth=(-H "Authorization: Bearer $1")
+    curl_api -H 'Content-Type: application/json' "${auth[@]}" \
+        --data "{\"text\": \"$QUERY\", \"top_k\": 5}" "http://127.0.0.1:$HTTP_PORT/api/predict"
+}
+wait_answer() {  # wait_answer T0 TIMEOUT -> sets ANSWER_S; 1 on timeout
+    local t0=$1 limit=$2 code
+    while :; do
+        kill -0 "$QEMU_PID" 2>/dev/null || { echo "    qemu exited"; return 1; }
+        code=$(predict "$TOKEN")
+        if [ "$code" = 200 ]; then
+            ANSWER_S=$(awk -v a="$(date +%s.%N)" -v b="$t0" 'BEGIN { printf "%.1f", a - b }')
+            return 0
+        fi
+        awk -v a="$(date +%s.%N)" -v b="$t0" -v l="$limit" 'BEGIN { exit !(a - b > l) }' && return 1
+        sleep 3
+    done
+}
+step "waiting (at most ${BOOT_TIMEOUT}s) for the first answer from /api/predict"
+PROGRESS_PID=""
+( while sleep 60; do echo "    ... $(( $(date +%s) - ${BOOT_T0%.*} ))s: $(grep -a -o '[A-Za-z].*' "$WORK/console.log" | tail -n 1 | cut -c1-100)"; done ) &
+PROGRESS_PID=$!
+if wait_answer "$BOOT_T0" "$BOOT_TIMEOUT"; then
+    kill "$PROGRESS_PID" 2>/dev/null || true
+    FIRST_ANSWER=$ANSWER_S
+    pass "boot to first answer" "$(printf '%.0f' "$FIRST_ANSWER") s (qemu start to the first 200 from /api/predict, TCG, -smp $SMP)"
+else
+    kill "$PROGRESS_PID" 2>/dev/null || true
+    fail "boot to first answer" "no answer within ${BOOT_TIMEOUT}s"
+    echo "    last console lines:"; grep -a -v '^\s*$' "$WORK/console.log" | tail -n 30 | sed 's/^/      /'
+    exit 1
+fi
+lap
+
+SSH=(ssh -q -i "$WORK/id_ed25519" -p "$SSH_PORT" -o StrictHostKeyChecking=no -o UserKnownHostsFile="$WORK/known_hosts"
+     -o ConnectTimeout=20 -o ServerAliveInterval=10 -o BatchMode=yes root@127.0.0.1)
+guest() { timeout 300 "${SSH[@]}" "$1"; }  # one command line, run by the guest's shell
+
+# -- live checks --------------------------------------------------------------------------------
+# verdict NAME DETAIL: pass or fail by the status of the test just before it.
+verdict() { local rc=$?; if [ $rc = 0 ]; then pass "$1" "${2:-}"; else fail "$1" "${2:-}"; fi; }
+has() { printf '%s\n' "$1" | grep -qE "$2"; }
+step "checks on the running board"
+# From here a failed check is counted, not fatal.
+set +e
+guest true; verdict "SSH with the key from fillmask.txt (ssh_key)" "ssh -p $SSH_PORT root@127.0.0.1"
+ACTIVE=$(guest "systemctl is-active fillmask-edge.service" || true)
+[ "$ACTIVE" = active ]; verdict "HTTP unit active" "systemctl is-active fillmask-edge.service -> $ACTIVE"
+CODE=$(curl_api "http://127.0.0.1:$HTTP_PORT/healthz")
+[ "$CODE" = 200 ]; verdict "/healthz" "GET /healthz -> $CODE $(head -c 100 "$WORK/reply.json")"
+CODE=$(predict "")
+[ "$CODE" = 401 ]; verdict "token required (api_token from fillmask.txt)" "POST /api/predict without the token -> $CODE"
+CODE=$(predict "$TOKEN")
+cp "$WORK/reply.json" "$WORK/arm.json"
+COMPARE=$("$HOST_PYTHON" - "$WORK/x86.json" "$WORK/arm.json" "$TOLERANCE" <<'EOF'
+import json, sys
+a = json.load(open(sys.argv[1]))["blanks"]
+b = json.load(open(sys.argv[2]))["blanks"]
+tol = float(sys.argv[3])
+ca, cb = a[0]["candidates"], b[0]["candidates"]
+ta, tb = [c["text"] for c in ca], [c["text"] for c in cb]
+diff = max(abs(x["score"] - y["score"]) for x, y in zip(ca, cb))
+shown = ", ".join("%s %.4f" % (c["text"], c["score"]) for c in cb)
+same = "identical" if ta == tb else "DIFFERENT from x86 " + ", ".join(ta)
+print(f"board: {shown}; top-5 {same}, max |score diff| {diff:.2e}")
+sys.exit(0 if ta == tb and diff <= tol else 1)
+EOF
+); verdict "prediction equal to x86 (tolerance $TOLERANCE)" "HTTP $CODE; $COMPARE"
+
+SHOW=$(guest "systemctl show fillmask-edge.service -p DynamicUser -p ProtectSystem -p NoNewPrivileges -p PrivateDevices -p SystemCallFilter -p MainPID" || true)
+printf '%s\n' "$SHOW" | cut -c1-100 | sed 's/^/      /'
+has "$SHOW" '^DynamicUser=yes$' && has "$SHOW" '^ProtectSystem=strict$'
+verdict "hardening: DynamicUser=yes, ProtectSystem=strict" "$(printf '%s\n' "$SHOW" | grep -E '^(DynamicUser|ProtectSystem)=' | tr '\n' ' ')"
+NCALLS=$(printf '%s\n' "$SHOW" | sed -n 's/^SystemCallFilter=//p' | wc -w)
+[ "$NCALLS" -gt 50 ]; verdict "hardening: SystemCallFilter in effect" "$NCALLS system calls in the allow-list"
+MAINPID=$(printf '%s\n' "$SHOW" | sed -n 's/^MainPID=//p')
+PROC=$(guest "awk '/^(Uid|Seccomp|NoNewPrivs|CapEff):/ {printf \"%s %s \", \$1, \$2}' /proc/$MAINPID/status" || true)
+PUID=$(printf '%s\n' "$PROC" | awk '{print $2}')
+has "$PROC" 'Seccomp: 2' && has "$PROC" 'NoNewPrivs: 1' && has "$PROC" 'CapEff: 0+ ' && [ "${PUID:-0}" -ge 61184 ]
+verdict "hardening live in the process (dynamic uid, seccomp, no capabilities)" "pid $MAINPID: $PROC"
+EXPOSURE=$(guest "systemd-analyze security --no-pager fillmask-edge.service" 2>/dev/null | sed -n 's/.*Overall exposure level for fillmask-edge.service: \([0-9.]*\).*/\1/p' || true)
+[ -n "$EXPOSURE" ] && awk -v e="$EXPOSURE" 'BEGIN { exit !(e <= 2.5) }'
+verdict "systemd-analyze security <= 2.5 (live)" "systemd-analyze security fillmask-edge.service -> ${EXPOSURE:-nothing}"
+
+# Serial: the unit on hvc0, a query typed into this machine's end of the pty.
+SERIAL_ACTIVE=$(guest "systemctl is-active fillmask-edge-serial@hvc0.service" || true)
+SERIAL_WHO=$(guest 'p=$(systemctl show -p MainPID --value fillmask-edge-serial@hvc0.service); grep -E "^(Uid|Groups):" /proc/$p/status | tr -s "\t\n" "  "' || true)
+[ "$SERIAL_ACTIVE" = active ]
+verdict "serial unit active on hvc0 (serial = usb hvc0 in fillmask.txt)" "$SERIAL_ACTIVE; $SERIAL_WHO (dialout is 20)"
+kill "$PTY_PID" 2>/dev/null || true; wait "$PTY_PID" 2>/dev/null || true; PTY_PID=""
+SERIAL_OUT=$("$HOST_PYTHON" - "$PTY" "$QUERY" "$TOP" "$WORK/hvc0.log" <<'EOF'
+import os, re, select, sys, time, tty
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_NOCTTY)
+tty.setraw(fd)
+query, top = sys.argv[2], sys.argv[3]
+t0 = time.time()
+os.write(fd, b"\r")  # a fresh prompt
+time.sleep(2)
+os.write(fd, query.encode() + b"\r")
+buf = b""
+while time.time() - t0 < 120:
+    ready, _, _ = select.select([fd], [], [], 1)
+    if ready:
+        buf += os.read(fd, 4096)
+        text = buf.decode("utf-8", "replace")
+        after = text.split(query, 1)[-1] if query in text else ""
+        if re.search(re.escape(top) + r"\s+\d+(\.\d+)?\s*%", after):
+            open(sys.argv[4], "wb").write(buf)
+            shown = re.sub(r"\s+", " ", after)[:120]
+            print(f"answered in {time.time() - t0:.1f} s: {shown!r}")
+            sys.exit(0)
+open(sys.argv[4], "wb").write(buf)
+tail = buf.decode("utf-8", "replace")[-200:]
+print(f"no answer with {top!r} within 120 s; got {tail!r}")
+sys.exit(1)
+EOF
+); verdict "serial unit answers a query over the pty" "$SERIAL_OUT"
+
+HOSTNAME_NOW=$(guest hostname || true)
+[ "$HOSTNAME_NOW" = imagecheck ]; verdict "settings: hostname" "hostname -> $HOSTNAME_NOW"
+BIND=$(guest "ss -ltnH 'sport = :8000' | awk '{print \$4}'" || true)
+[ "$BIND" = 0.0.0.0:8000 ]; verdict "settings: lan = on (service bound to 0.0.0.0)" "listening on $BIND"
+REPORT=$(guest "cat /boot/firmware/fillmask-report.txt" || true)
+printf '%s\n' "$REPORT" | sed "s/$TOKEN/<token>/" | sed 's/^/      /'
+has "$REPORT" '^no errors$'; verdict "settings: fillmask-report.txt on the boot partition says no errors"
+
+ROOT_NOW=$(guest "df -B1 --output=size / | tail -n 1" | tr -d ' ' || true)
+[ "${ROOT_NOW:-0}" -gt $(( ROOT_PART_BYTES + 800 * 1048576 )) ]
+verdict "first boot: root grown to the card" "root file system $(( ${ROOT_NOW:-0} / 1048576 )) MiB; root partition in the image $(( ROOT_PART_BYTES / 1048576 )) MiB, card 1024 MiB larger"
+MACHINE_ID=$(guest "cat /etc/machine-id" || true)
+NKEYS=$(guest "ls /etc/ssh/ssh_host_*_key | wc -l" || echo 0)
+has "$MACHINE_ID" '^[0-9a-f]{32}$' && [ "$NKEYS" -ge 3 ]
+verdict "first boot: machine-id and SSH host keys made" "machine-id $MACHINE_ID, $NKEYS SSH host keys"
+FAILED_UNITS=$(guest "systemctl --failed --no-legend --plain" || true)
+[ -z "$FAILED_UNITS" ]; verdict "no failed units" "${FAILED_UNITS:-none}"
+OUR_UNITS="-u fillmask-edge.service -u 'fillmask-edge-serial@*' -u fillmask-board-settings.service -u fillmask-firstboot.service"
+ERRORS=$(guest "journalctl -b --no-pager -q -p err $OUR_UNITS" || true)
+[ -z "$ERRORS" ]; verdict "no error lines from our units in the journal" "${ERRORS:-none} (journalctl -b -p err, fillmask-* units)"
+guest "journalctl -b --no-pager -q -o cat -u fillmask-firstboot.service -u fillmask-board-settings.service" | sed "s/$TOKEN/<token>/" | sed 's/^/      /' || true
+lap
+
+# -- a bad value, then a reboot ------------------------------------------------------------------
+step "a bad value in fillmask.txt (lan = perhaps) and a new hostname, then reboot"
+guest "sed -i -e 's/^lan = .*/lan = perhaps/' -e 's/^hostname = .*/hostname = imagecheck2/' /boot/firmware/fillmask.txt && sync" \
+    || fail "editing fillmask.txt on the board"
+BOOT_ID=$(guest "cat /proc/sys/kernel/random/boot_id" || true)
+guest "systemctl reboot" || true
+REBOOT_T0=$(date +%s.%N)
+sleep 15
+if wait_answer "$REBOOT_T0" "$BOOT_TIMEOUT"; then
+    REBOOT_ANSWER=$ANSWER_S
+    pass "reboot comes back serving" "$(printf '%.0f' "$REBOOT_ANSWER") s from 'systemctl reboot' to the first answer"
+else
+    fail "reboot comes back serving" "no answer within ${BOOT_TIMEOUT}s"
+fi
+NEW_BOOT_ID=$(guest "cat /proc/sys/kernel/random/boot_id" || true)
+[ -n "$NEW_BOOT_ID" ] && [ "$NEW_BOOT_ID" != "$BOOT_ID" ]; verdict "it really rebooted" "boot id $BOOT_ID -> $NEW_BOOT_ID"
+BAD=$(guest "journalctl -b --no-pager -q -p err -o cat -u fillmask-board-settings.service" || true)
+has "$BAD" 'lan'; verdict "bad value reported in the journal (priority err)" "$BAD"
+HOSTNAME_NOW=$(guest hostname || true)
+BIND=$(guest "ss -ltnH 'sport = :8000' | awk '{print \$4}'" || true)
+[ "$HOSTNAME_NOW" = imagecheck2 ] && [ "$BIND" = 0.0.0.0:8000 ]
+verdict "the other settings still applied, the bad one left as it was" "hostname $HOSTNAME_NOW, service on $BIND"
+ERRORS=$(guest "journalctl -b --no-pager -q -p err $OUR_UNITS" | grep -v 'fillmask.txt: line [0-9]*: lan:' || true)
+[ -z "$ERRORS" ]; verdict "no other error lines from our units after the reboot" "${ERRORS:-none}"
+FIRSTBOOT=$(guest "systemctl show -p ConditionResult --value fillmask-firstboot.service" || true)
+[ "$FIRSTBOOT" = no ]; verdict "first-boot unit skipped on the second boot" "ConditionResult=$FIRSTBOOT"
+lap
+
+guest "systemctl poweroff" || true
+for _ in $(seq 60); do kill -0 "$QEMU_PID" 2>/dev/null || break; sleep 2; done
+
+step "summary ($(( $(date +%s) - START ))s in all)"
+echo "    image: $(basename "$IMAGE") ($(( $(stat -c %s "$IMAGE") / 1048576 )) MiB xz, $(( IMAGE_BYTES / 1048576 )) MiB raw)"
+echo "    boot to first answer: $(printf '%.0f' "${FIRST_ANSWER:-0}") s; reboot to first answer: $(printf '%.0f' "${REBOOT_ANSWER:-0}") s (qemu TCG, cortex-a72 x$SMP, this machine)"
+echo "    passed ${#PASSED[@]}, failed ${#FAILED[@]}"
+if [ ${#FAILED[@]} -gt 0 ]; then
+    printf '    FAILED: %s\n' "${FAILED[@]}"
+    echo "    guest console: $WORK/console.log"
+    exit 1
+fi
+echo "    image check passed"
