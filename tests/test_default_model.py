@@ -87,9 +87,13 @@ def test_chid_accuracy_in_the_manifest_is_reproduced(engine, shared_dir):
     for row, fusion in (("fused", True), ("int8", False)):
         result = ev.evaluate_chid(engine, items, workers=1, fusion=fusion)
         assert result["n_chid"] == accuracy[row]["n_chid"]
-        # INT8 activation scales are per batch, so batched evaluation may flip a close call.
+        # INT8 activation scales are per batch, so batched evaluation may flip a close call;
+        # and ONNX Runtime's INT8 kernels differ by CPU (an AVX-only EPYC without AVX2 scored
+        # the model's PMI 18.8% where the AVX2 machine that wrote the manifest had 20.8%:
+        # 4 of 202 close calls, each a difference of two near-equal sums). So 3 questions
+        # for the plain score, 5 for the PMI one, which subtracts two such sums.
         assert result["chid_acc"] == pytest.approx(accuracy[row]["chid_acc"], abs=0.015), row
-        assert result["chid_acc_pmi"] == pytest.approx(accuracy[row]["chid_acc_pmi"], abs=0.015), row
+        assert result["chid_acc_pmi"] == pytest.approx(accuracy[row]["chid_acc_pmi"], abs=0.025), row
     # The model's context-minus-prior (PMI) score must beat chance; fused must beat the model.
     assert accuracy["int8"]["chid_acc_pmi"] > 1 / 7 + 0.04, "the context adds nothing over chance"
     assert accuracy["fused"]["chid_acc"] > accuracy["int8"]["chid_acc"]

@@ -272,7 +272,8 @@ def test_static_int8_and_int4_answers_do_not_depend_on_batch_mates(kind, request
 @pytest.mark.parametrize("kind", ["fp32", "static", "int4"])
 def test_a_rows_logits_are_bit_identical_whatever_its_batch_mates(kind, request):
     """At equal padded length, a row's logits are exactly the same alone and beside
-    any mates (dynamic INT8 is the one quantization where they are not)."""
+    any mates for FP32 and static INT8, and within float rounding for int4 (dynamic
+    INT8 is the one quantization whose activation scales depend on the mates)."""
     from edge.manifest import Manifest
 
     bundle = request.getfixturevalue(f"tiny_{kind}_bundle_dir")
@@ -301,7 +302,13 @@ def test_a_rows_logits_are_bit_identical_whatever_its_batch_mates(kind, request)
             batch[i, length:], mask[i, length:] = special["[PAD]"], 0
         got = session.run(None, {"input_ids": batch, "attention_mask": mask,
                                  "mask_positions": np.full((len(batch), 1), 5, dtype=np.int64)})[0][0]
-        assert np.array_equal(got, alone), (kind, mates, float(np.abs(got - alone).max()))
+        if kind == "int4":
+            # MatMulNBits' kernel sums in an order that depends on the row count on CPUs
+            # without AVX2 (1.2e-7 measured on an AVX-only EPYC; exact on AVX2 machines), so
+            # int4 is held to float rounding, not to bits.
+            assert np.abs(got - alone).max() <= 1e-5, (kind, mates, float(np.abs(got - alone).max()))
+        else:
+            assert np.array_equal(got, alone), (kind, mates, float(np.abs(got - alone).max()))
 
 
 def test_int8_batched_answers_stay_within_quantization_noise(tiny_bundle_dir):
