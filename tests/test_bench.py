@@ -180,7 +180,7 @@ def test_quick_bench_on_the_tiny_model(tmp_path):
     assert variants["ours-static"]["masked_positions"] == variants["ours-int4"]["masked_positions"] == 6
     assert systems["ours-int4"]["model_file_bytes"] < systems["ours"]["model_file_bytes"]
     load = report["load"]["custom"]["results"]
-    for config in ("batching-on", "batching-off", "2-sessions"):
+    for config in ("batching-on", "batching-off", "2-sessions", "no-queue-bound"):
         assert load[config]["rates"][0]["errors"] == 0, load[config]
         assert load[config]["rates"][0]["ok"] == 8
     markdown = (out / "results.md").read_text(encoding="utf-8")

@@ -492,6 +492,11 @@ def run(args: argparse.Namespace) -> int:
             # threads // 2 each: two requests run at once instead of one split in two
             **({"2-sessions": {"batch_window_ms": args.batch_window_ms, "max_batch": args.max_batch,
                                "sessions": 2}} if args.threads >= 2 else {}),
+            # the service as it was before admission control: every request waits its turn
+            # (16 HTTP threads as then; the 5 s request deadline still applies)
+            "no-queue-bound": {"batch_window_ms": args.batch_window_ms, "max_batch": args.max_batch,
+                               "extra_args": ["--max-waiting", "100000", "--max-wait-ms", "1e9",
+                                              "--http-threads", str(args.http_threads or 16)]},
         }
         log.info("== HTTP load test on %s: rates %s req/s, %.0f s each", spec.bundle, rates, args.load_seconds)
         pool = inputs["load_pool"]

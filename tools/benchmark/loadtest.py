@@ -172,7 +172,8 @@ class Server:
 
     def __init__(self, bundle: str | Path | None, threads: int, batch_window_ms: float, max_batch: int,
                  cache_size: int = 0, http_threads: int | None = None, log_path: str | Path | None = None,
-                 python: str = sys.executable, cwd: str | Path | None = None, sessions: int = 1):
+                 python: str = sys.executable, cwd: str | Path | None = None, sessions: int = 1,
+                 extra_args: Sequence[str] = ()):
         self.host = "127.0.0.1"
         self.port = free_port()
         self.command = [python, "-m", "edge", "serve", "--host", self.host, "--port", str(self.port),
@@ -180,6 +181,7 @@ class Server:
                         "--max-batch", str(max_batch), "--cache-size", str(cache_size), "--sessions", str(sessions)]
         if http_threads:  # else the server's default: enough threads to refuse at once
             self.command += ["--http-threads", str(http_threads)]
+        self.command += list(extra_args)  # later options win: a configuration may override the above
         if bundle is not None:
             self.command[4:4] = ["--bundle", str(bundle)]
         self.log_path = Path(log_path) if log_path else None
@@ -289,7 +291,7 @@ def load_test(bundle: str | Path | None, texts: Callable[[int], str], rates: Seq
     """Run every rate against a fresh server per configuration.
 
     ``configs`` maps a name to ``{"batch_window_ms": .., "max_batch": ..}`` (and
-    optionally ``"sessions"``). Each
+    optionally ``"sessions"`` and ``"extra_args"``, more ``edge serve`` options). Each
     server runs with the cache off; ``texts(i)`` must give distinct texts across the
     whole test (the request counter runs on across rates and configurations).
     Returns ``{config: {"command": .., "rss_*": .., "rates": [RateResult dicts]}}``.
@@ -303,7 +305,7 @@ def load_test(bundle: str | Path | None, texts: Callable[[int], str], rates: Seq
     for name, settings in configs.items():
         server = Server(bundle, threads=threads, batch_window_ms=settings["batch_window_ms"],
                         max_batch=settings["max_batch"], cache_size=0, http_threads=http_threads,
-                        sessions=settings.get("sessions", 1),
+                        sessions=settings.get("sessions", 1), extra_args=settings.get("extra_args", ()),
                         log_path=Path(log_dir) / f"server-{name}.log" if log_dir else None, cwd=cwd)
         entry: dict[str, Any] = {"command": server.command, "settings": settings, "rates": []}
         results[name] = entry

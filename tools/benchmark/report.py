@@ -125,15 +125,19 @@ def render_markdown(report: dict[str, Any]) -> str:
                   f"`python -m edge serve` on loopback, cache off, distinct sentences (<=32 tokens, one blank), "
                   f"open-loop arrivals at fixed rates for {load['seconds']} s each; latency from the scheduled send "
                   f"time. The load generator runs on the same {m.get('usable_cpus')} cores as the server.", "",
-                  "| config | offered req/s | achieved req/s | p50 ms | p99 ms | errors | server RSS before → after |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+                  "p50/p99 are of the answered requests; `shed` are the 503 `overloaded` refusals of the "
+                  "admission gate, with how fast they came back.", "",
+                  "| config | offered req/s | achieved req/s | p50 ms | p99 ms | shed (p99 ms) | errors "
+                  "| server RSS before → after |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for name, entry in load["results"].items():
             if "error" in entry:
-                lines.append(f"| {name} | failed: {entry['error'][:200]} | | | | | |")
+                lines.append(f"| {name} | failed: {entry['error'][:200]} | | | | | | |")
                 continue
             for r in entry["rates"]:
+                shed = f"{r.get('shed', 0)} ({r['shed_p99_ms']:.0f})" if r.get("shed") else "0"
                 lines.append(f"| {name} | {r['offered_rps']:g} | {r['achieved_rps']:.1f} | {r['p50_ms']:.1f} | "
-                             f"{r['p99_ms']:.1f} | {r['errors']} | {_fmt(r['server_rss_before_mb'], 0)} → "
+                             f"{r['p99_ms']:.1f} | {shed} | {r['errors']} | {_fmt(r['server_rss_before_mb'], 0)} → "
                              f"{_fmt(r['server_rss_after_mb'], 0)} MB |")
         for name, entry in load["results"].items():
             if "rss_before_mb" in entry:
