@@ -55,12 +55,15 @@ venv-dev: $(VENV)/.dev-stamp
 run: $(VENV)/.runtime-stamp
 	$(BIN)/python -m edge serve --host $(HOST) --port $(PORT) $(if $(BUNDLE),--bundle $(BUNDLE))
 
-# Debian's chromium + chromedriver for the kiosk-page browser test (skipped without them).
+# Debian's chromium + chromedriver for the kiosk-page browser test (skipped without them),
+# and the CJK and emoji fonts the page needs (the test fails when text falls back to boxes).
+BROWSER_PACKAGES = chromium chromium-driver fonts-wqy-microhei fonts-noto-color-emoji
 browser:
-	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null && \
+	  [ -n "$$(fc-list :lang=zh family 2>/dev/null)" ] && [ -n "$$(fc-list :charset=1f52e family 2>/dev/null)" ] || \
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) || \
-	    echo "note: chromium/chromedriver not installed: the browser test will be skipped"; }
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BROWSER_PACKAGES) >/dev/null) || \
+	    echo "note: $(BROWSER_PACKAGES) not all installed: the browser test will be skipped or fail on fonts"; }
 
 test: $(VENV)/.dev-stamp browser
 	$(BIN)/python -m pytest -q

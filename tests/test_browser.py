@@ -312,3 +312,51 @@ def test_token_prompt(driver):
     finally:
         driver.execute_script("localStorage.clear()")
         stop(proc)
+
+
+def fontconfig_families(pattern: str) -> set[str]:
+    """Every family name (all its localised names) of the installed fonts matching a
+    fontconfig pattern, e.g. ``:lang=zh`` or ``:charset=1f52e``."""
+    fc_list = shutil.which("fc-list")
+    if fc_list is None:
+        pytest.fail("fc-list (fontconfig) is missing: Chromium cannot have found any font either")
+    listing = subprocess.run([fc_list, pattern, "family"], capture_output=True, text=True, check=True).stdout
+    return {name.strip() for line in listing.splitlines() for name in line.split(",") if name.strip()}
+
+
+def fonts_rendering(driver, text: str) -> list[dict]:
+    """The platform fonts Chromium used to draw ``text`` in the page's own font stack
+    (a span appended to the heading), as DevTools reports them: family and glyph count."""
+    driver.execute_script(
+        "var s = document.createElement('span'); s.id = 'font-probe'; s.textContent = arguments[0];"
+        "var old = document.getElementById('font-probe'); if (old) old.remove();"
+        "document.querySelector('h1').appendChild(s);", text)
+    driver.execute_cdp_cmd("DOM.enable", {})
+    driver.execute_cdp_cmd("CSS.enable", {})
+    root = driver.execute_cdp_cmd("DOM.getDocument", {"depth": -1})["root"]["nodeId"]
+    span = driver.execute_cdp_cmd("DOM.querySelector", {"nodeId": root, "selector": "#font-probe"})["nodeId"]
+    # The span's text is its child text node; fonts are reported for the text it holds.
+    return driver.execute_cdp_cmd("CSS.getPlatformFontsForNode", {"nodeId": span})["fonts"]
+
+
+def test_chinese_and_emoji_are_drawn_with_fonts_that_have_them(server, driver):
+    """Without a CJK font Chromium draws every Chinese character of the page as a box, and
+    🔮 without an emoji font; both happen silently. So every font that drew the page's
+    Chinese text must be one fontconfig lists for Chinese, and the emoji's one that has
+    U+1F52E (install.sh --kiosk and the SD image bring fonts-wqy-microhei and
+    fonts-noto-color-emoji; `make browser` installs them here)."""
+    open_page(driver, server, KIOSK)
+    han_text = "床前明月光疑是地上霜中文填空预测缺失内容模型上下文信息不足建议补充更多背景"
+    han_fonts = fonts_rendering(driver, han_text)
+    chinese = fontconfig_families(":lang=zh")
+    assert chinese, "no font with Chinese glyphs is installed (apt-get install fonts-wqy-microhei)"
+    assert han_fonts and sum(f["glyphCount"] for f in han_fonts) == len(han_text), han_fonts
+    for font in han_fonts:
+        assert font["familyName"] in chinese, (
+            f"Chinese text drawn with {font['familyName']!r}, a font without Chinese glyphs "
+            f"(fonts with them: {sorted(chinese)})")
+    emoji_fonts = fonts_rendering(driver, "🔮")
+    with_emoji = fontconfig_families(":charset=1f52e")
+    assert with_emoji, "no font has 🔮 (U+1F52E) (apt-get install fonts-noto-color-emoji)"
+    assert [f["familyName"] in with_emoji for f in emoji_fonts] == [True], (
+        f"🔮 drawn with {emoji_fonts}; fonts that have it: {sorted(with_emoji)}")
