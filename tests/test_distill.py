@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tools import ToolError
-from tools.train import distill
+from tools.train import distill, distill_losses
 from tools.train import wwm
 
 torch = pytest.importorskip("torch")
@@ -37,11 +37,11 @@ def _bert(layers=2, hidden=32, heads=2, inter=64, vocab=40, seed=0):
 
 
 def test_uniform_layer_map_follows_tinybert():
-    assert distill.layer_map(4, 12) == [3, 6, 9, 12]
-    assert distill.layer_map(2, 4) == [2, 4]
-    assert distill.layer_map(3, 3) == [1, 2, 3]
+    assert distill_losses.layer_map(4, 12) == [3, 6, 9, 12]
+    assert distill_losses.layer_map(2, 4) == [2, 4]
+    assert distill_losses.layer_map(3, 3) == [1, 2, 3]
     with pytest.raises(ToolError, match="more layers"):
-        distill.layer_map(6, 4)
+        distill_losses.layer_map(6, 4)
 
 
 def test_recomputed_attention_scores_are_the_models_own():
@@ -49,7 +49,7 @@ def test_recomputed_attention_scores_are_the_models_own():
     ids = torch.randint(5, 40, (2, 9))
     mask = torch.ones_like(ids)
     out = model.bert(input_ids=ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
-    scores = distill.attention_scores(model.bert, out.hidden_states, [1, 2])
+    scores = distill_losses.attention_scores(model.bert, out.hidden_states, [1, 2])
     for mine, theirs in zip(scores, out.attentions):
         torch.testing.assert_close(mine.softmax(-1), theirs, rtol=1e-5, atol=1e-6)
 
@@ -57,34 +57,34 @@ def test_recomputed_attention_scores_are_the_models_own():
 def test_attention_loss_is_zero_for_equal_scores_and_groups_teacher_heads():
     mask = torch.ones(1, 4, dtype=torch.long)
     s = torch.randn(1, 2, 4, 4)
-    assert distill.attention_loss([s], [s.clone()], mask).item() == 0.0
+    assert distill_losses.attention_loss([s], [s.clone()], mask).item() == 0.0
     # Four teacher heads onto two student heads: heads (0,1) and (2,3) are averaged.
     t = torch.stack([s[:, 0] - 1, s[:, 0] + 1, s[:, 1] + 2, s[:, 1] - 2], dim=1)
-    assert distill.attention_loss([s], [t], mask).item() == pytest.approx(0.0, abs=1e-10)
+    assert distill_losses.attention_loss([s], [t], mask).item() == pytest.approx(0.0, abs=1e-10)
     # Padded keys/queries do not count.
     padded = mask.clone()
     padded[0, 3] = 0
     far = s.clone()
     far[..., 3, :] += 100
     far[..., :, 3] += 100
-    assert distill.attention_loss([s], [far], padded).item() == pytest.approx(0.0, abs=1e-10)
-    assert distill.attention_loss([s], [far], mask).item() > 1.0
+    assert distill_losses.attention_loss([s], [far], padded).item() == pytest.approx(0.0, abs=1e-10)
+    assert distill_losses.attention_loss([s], [far], mask).item() > 1.0
 
 
 def test_soft_cross_entropy_is_smallest_at_the_teacher_distribution():
     teacher = torch.randn(5, 11)
-    at_teacher = distill.soft_cross_entropy(teacher.clone(), teacher, 2.0)
+    at_teacher = distill_losses.soft_cross_entropy(teacher.clone(), teacher, 2.0)
     entropy = -(teacher.div(2).softmax(-1) * teacher.div(2).log_softmax(-1)).sum(-1).mean()
     assert at_teacher.item() == pytest.approx(entropy.item(), rel=1e-5)
     for _ in range(5):
-        assert distill.soft_cross_entropy(teacher + torch.randn(5, 11), teacher, 2.0) > at_teacher
+        assert distill_losses.soft_cross_entropy(teacher + torch.randn(5, 11), teacher, 2.0) > at_teacher
 
 
 def test_teacher_layer_initialisation_copies_the_mapped_layers():
     teacher = _bert(layers=4, seed=1)
     student = _bert(layers=2, seed=2, vocab=30)
     to_teacher = torch.arange(10, 40)  # student token i = teacher token i + 10
-    distill.init_from_teacher(student, teacher, distill.layer_map(2, 4), to_teacher)
+    distill.init_from_teacher(student, teacher, distill_losses.layer_map(2, 4), to_teacher)
     for m, g in enumerate([2, 4]):
         for (name, a), b in zip(student.bert.encoder.layer[m].state_dict().items(),
                                 teacher.bert.encoder.layer[g - 1].state_dict().values()):

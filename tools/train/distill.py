@@ -35,13 +35,16 @@ import math
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from tools import ToolError
 from tools.train import wwm
 from tools.train.batches import MASK_UNITS, Batches, lr_factor, make_optimizer
+from tools.train.distill_losses import Distiller, layer_map
 from tools.train.model_init import SHAPE_HELP, make_config, parse_shape
 from tools.train.pretrain import DEFAULT_DATA, save_checkpoint
 
@@ -91,15 +94,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # --------------------------------------------------------------------- mapping
-def layer_map(student_layers: int, teacher_layers: int) -> list[int]:
-    """Uniform mapping g(m) = m·N/M for m = 1..M (1-based teacher layer numbers)."""
-    if student_layers < 1 or teacher_layers < 1:
-        raise ToolError("layer counts must be positive")
-    if student_layers > teacher_layers:
-        raise ToolError(f"the student has more layers ({student_layers}) than the teacher ({teacher_layers})")
-    return [m * teacher_layers // student_layers for m in range(1, student_layers + 1)]
-
-
 def vocab_map(student_tokens: list[str], teacher_vocab: dict[str, int]) -> np.ndarray:
     """Teacher id of every student token (the student vocabulary is a trimmed copy)."""
     missing = [t for t in student_tokens if t not in teacher_vocab]
@@ -134,113 +128,6 @@ def init_from_teacher(student, teacher, layers: list[int], to_teacher) -> None:
         s_head, t_head = student.cls.predictions, teacher.cls.predictions
         s_head.transform.load_state_dict(t_head.transform.state_dict())
         s_head.bias.copy_(t_head.bias[to_teacher])
-
-
-# ----------------------------------------------------------------------- losses
-def attention_scores(bert, hidden_states, layer_numbers: list[int]):
-    """Unnormalised attention scores QKᵀ/√d of the given (1-based) layers, recomputed
-    from each layer's input: [batch, heads, seq, seq] per layer."""
-    scores = []
-    for number in layer_numbers:
-        attn = bert.encoder.layer[number - 1].attention.self
-        x = hidden_states[number - 1]
-        b, s, _ = x.shape
-        q = attn.query(x).view(b, s, attn.num_attention_heads, attn.attention_head_size).transpose(1, 2)
-        k = attn.key(x).view(b, s, attn.num_attention_heads, attn.attention_head_size).transpose(1, 2)
-        scores.append(q @ k.transpose(-1, -2) / math.sqrt(attn.attention_head_size))
-    return scores
-
-
-def attention_loss(student_scores, teacher_scores, attention_mask):
-    """MSE of the scores over real (query, key) pairs, averaged over heads and layers.
-    With fewer student heads, teacher heads are averaged in groups to match."""
-    import torch.nn.functional as F
-
-    pair = (attention_mask[:, None, :, None] * attention_mask[:, None, None, :]).float()
-    total = 0.0
-    for s, t in zip(student_scores, teacher_scores):
-        if t.shape[1] != s.shape[1]:
-            if t.shape[1] % s.shape[1]:
-                raise ToolError(f"teacher heads ({t.shape[1]}) are not a multiple of student heads ({s.shape[1]})")
-            t = t.view(t.shape[0], s.shape[1], t.shape[1] // s.shape[1], *t.shape[2:]).mean(2)
-        err = F.mse_loss(s, t, reduction="none") * pair
-        total = total + err.sum() / (pair.sum() * s.shape[1])
-    return total / max(len(student_scores), 1)
-
-
-def hidden_loss(student_hidden, teacher_hidden, projection, attention_mask):
-    """MSE between the projected student states and the teacher's, over real tokens."""
-    keep = attention_mask.bool()
-    return ((projection(student_hidden)[keep] - teacher_hidden[keep]) ** 2).mean()
-
-
-def soft_cross_entropy(student_logits, teacher_logits, temperature: float):
-    """−Σ softmax(z_T/t) · log_softmax(z_S/t), averaged over positions."""
-    import torch.nn.functional as F
-
-    target = F.softmax(teacher_logits / temperature, dim=-1)
-    return -(target * F.log_softmax(student_logits / temperature, dim=-1)).sum(-1).mean()
-
-
-class Distiller:
-    """Teacher + student + projections; computes the loss of one stage on one batch."""
-
-    def __init__(self, teacher, student, to_teacher: np.ndarray, temperature: float):
-        import torch
-
-        self.teacher, self.student = teacher, student
-        self.to_teacher = torch.as_tensor(to_teacher)
-        self.temperature = temperature
-        self.layers = layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
-        d_s, d_t = student.config.hidden_size, teacher.config.hidden_size
-        self.proj_embedding = torch.nn.Linear(d_s, d_t, bias=False)
-        self.proj_hidden = torch.nn.Linear(d_s, d_t, bias=False)
-
-    def to(self, device):
-        """Move every part to ``device``."""
-        for part in (self.teacher, self.student, self.proj_embedding, self.proj_hidden):
-            part.to(device)
-        self.to_teacher = self.to_teacher.to(device)
-        return self
-
-    def trainable(self, stage: str) -> list:
-        """(name, parameter) pairs trained in ``stage`` (projections only in the intermediate one)."""
-        params = list(self.student.named_parameters())
-        if stage == "intermediate":
-            params += [(f"proj_embedding.{n}", p) for n, p in self.proj_embedding.named_parameters()]
-            params += [(f"proj_hidden.{n}", p) for n, p in self.proj_hidden.named_parameters()]
-        return params
-
-    def loss(self, stage: str, inputs, attention_mask, labels) -> tuple:
-        """Loss of ``stage`` on one batch, with a dict of its parts (floats)."""
-        import torch
-
-        teacher_inputs = self.to_teacher[inputs]
-        hidden = stage == "intermediate"  # the prediction stage needs the last layer only
-        with torch.no_grad():
-            t_out = self.teacher.base_model(input_ids=teacher_inputs, attention_mask=attention_mask,
-                                            output_hidden_states=hidden)
-        s_out = self.student.base_model(input_ids=inputs, attention_mask=attention_mask, output_hidden_states=hidden)
-        if stage == "intermediate":
-            t_h, s_h = t_out.hidden_states, s_out.hidden_states
-            emb = hidden_loss(s_h[0], t_h[0], self.proj_embedding, attention_mask)
-            hid = sum(hidden_loss(s_h[m + 1], t_h[g], self.proj_hidden, attention_mask)
-                      for m, g in enumerate(self.layers)) / len(self.layers)
-            with torch.no_grad():
-                t_scores = attention_scores(self.teacher.base_model, t_h, self.layers)
-            s_scores = attention_scores(self.student.base_model, s_h, list(range(1, len(self.layers) + 1)))
-            att = attention_loss(s_scores, t_scores, attention_mask)
-            total = emb + hid + att
-            return total, {"emb": emb.item(), "hidden": hid.item(), "attn": att.item()}
-        selected = labels != -100
-        with torch.no_grad():
-            t_logits = self.teacher.cls(t_out.last_hidden_state[selected]).float()[:, self.to_teacher]
-        s_logits = self.student.cls(s_out.last_hidden_state[selected]).float()
-        soft = soft_cross_entropy(s_logits, t_logits, self.temperature)
-        target = labels[selected]
-        acc = (s_logits.argmax(-1) == target).float().mean().item() if target.numel() else 0.0
-        agree = (s_logits.argmax(-1) == t_logits.argmax(-1)).float().mean().item() if target.numel() else 0.0
-        return soft, {"soft_ce": soft.item(), "mlm_acc": acc, "teacher_agree": agree}
 
 
 # ------------------------------------------------------------------ augmentation
@@ -304,11 +191,8 @@ def _teacher_vocab_file(source: str, tokenizer, run_dir: Path) -> Path:
     return path
 
 
-def run(args: argparse.Namespace) -> int:
-    """Distil the teacher into the student within the time / step budget."""
-    import torch
-    from transformers import BertForMaskedLM
-
+def _check_options(args: argparse.Namespace) -> None:
+    """Refuse option values that cannot make a run, before anything is loaded."""
     if args.stage == "both" and not (0 < args.intermediate_share < 1):
         raise ToolError("--intermediate-share must be between 0 and 1")
     if args.temperature <= 0:
@@ -316,12 +200,31 @@ def run(args: argparse.Namespace) -> int:
     if not (0 <= args.augment < 1):
         raise ToolError("--augment must be in [0, 1)")
     parse_shape(args.student_shape)
-    torch.set_num_threads(max(1, args.threads))
-    torch.manual_seed(args.seed)
-    run_dir: Path = args.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if (run_dir / "state.pt").exists():
-        raise ToolError(f"{run_dir} already holds a run (state.pt); use another --run-dir")
+
+
+@dataclass
+class _Setup:
+    """Everything a distillation run trains with: models, data, and the stage plan."""
+
+    source: str
+    teacher: Any
+    student: Any
+    tokenizer: Any
+    distiller: Distiller
+    batches: Batches
+    layers: list[int]
+    meta: dict
+    params: int
+    vocab_size: int
+    device: Any
+    stages: list[str]
+    shares: list[float]
+
+
+def _set_up(args: argparse.Namespace, run_dir: Path) -> _Setup:
+    """Load the teacher, prepare the corpus in the student's vocabulary, make the student."""
+    import torch
+    from transformers import BertForMaskedLM
 
     source, teacher_ckpt = _load_teacher(args)
     teacher = teacher_ckpt.model.eval()
@@ -349,16 +252,126 @@ def run(args: argparse.Namespace) -> int:
     distiller = Distiller(teacher, student, to_teacher, args.temperature).to(device)
     batches = Batches(prepared, tokenizer, args.seq_len, args.batch_size, args.seed, args.mask_prob,
                       mask_unit=args.mask_unit)
-    never = batches.never
     stages = ["intermediate", "prediction"] if args.stage == "both" else [args.stage]
     shares = ([args.intermediate_share, 1 - args.intermediate_share] if len(stages) == 2 else [1.0])
     params = sum(p.numel() for p in student.parameters())
-    log.info("teacher %s (%d layers, hidden %d); student %s: %.2f M parameters, vocab %d; layer map %s; "
-             "init %s; stages %s; budget %.1f min%s", source, teacher.config.num_hidden_layers,
-             teacher.config.hidden_size, args.student_shape, params / 1e6, len(student_tokens), layers, args.init,
-             "+".join(stages), args.max_minutes, f", {args.max_steps} steps" if args.max_steps else "")
+    return _Setup(source, teacher, student, tokenizer, distiller, batches, layers, meta, params,
+                  len(student_tokens), device, stages, shares)
 
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.bf16)
+
+class _StageLog:
+    """Averages of the losses over the steps since the last progress line."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.n, self.tokens, self.t = 0, 0, time.monotonic()
+
+    def add(self, tokens: int, losses: dict[str, float]) -> None:
+        """Count one step."""
+        self.n += 1
+        self.tokens += tokens
+        for key, value in losses.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+
+    def line(self, stage: str, state: dict, progress: float, keys: list[str]) -> dict:
+        """The progress record of the window, which then starts again."""
+        now = time.monotonic()
+        line = {"stage": stage, "step": state["step"], **{k: round(self.sums[k] / self.n, 4) for k in keys},
+                "tokens_per_s": round(self.tokens / max(now - self.t, 1e-9), 1),
+                "minutes": round(state["elapsed"] / 60, 2), "stage_progress": round(progress, 4)}
+        self.sums, self.n, self.tokens, self.t = {}, 0, 0, now
+        return line
+
+
+def _train_stage(args: argparse.Namespace, setup: _Setup, stage: str, share: float, optimizer,
+                 state: dict, history: list[dict], metrics, stop: threading.Event, aug_rng) -> None:
+    """Train one stage for its share of the time (and step) budget, or until ``stop``."""
+    import torch
+
+    setup.student.train()
+    trainable = setup.distiller.trainable(stage)
+    autocast = torch.autocast(device_type=setup.device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    budget_s = args.max_minutes * 60 * share
+    budget_steps = max(1, round(args.max_steps * share)) if args.max_steps else None
+    stage_start, stage_steps = state["elapsed"], 0
+    window = _StageLog()
+
+    def progress() -> float:
+        p = (state["elapsed"] - stage_start) / budget_s if budget_s > 0 else 1.0
+        return max(p, stage_steps / budget_steps) if budget_steps else p
+
+    log.info("stage %s: %.1f min%s", stage, budget_s / 60, f", {budget_steps} steps" if budget_steps else "")
+    while progress() < 1.0 and not stop.is_set():
+        t0 = time.monotonic()
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * lr_factor(progress(), args.warmup)
+        ids, flags, attn = setup.batches.unmasked(state["step"])
+        if args.augment > 0:
+            ids = augment_words(setup.teacher, setup.distiller.to_teacher, ids, flags, attn, args.augment,
+                                args.augment_top_k, aug_rng, setup.tokenizer.mask_token_id, setup.batches.never)
+        inputs, labels = setup.batches.mask(ids, flags, state["step"])
+        inputs, attn_t, labels = (torch.from_numpy(x).to(setup.device) for x in (inputs, attn, labels))
+        with autocast:
+            loss, parts = setup.distiller.loss(stage, inputs, attn_t, labels)
+        if not math.isfinite(loss.item()):
+            raise ToolError(f"loss became {loss.item()} at step {state['step']} ({stage}); lower --lr")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in trainable], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        stage_steps += 1
+        state["tokens"] += int(attn.sum())
+        state["masked"] += int((labels != -100).sum())
+        state["elapsed"] += time.monotonic() - t0
+        window.add(int(attn.sum()), {"loss": loss.item(), **parts})
+        if stage_steps % args.log_every == 0 or progress() >= 1.0:
+            line = window.line(stage, state, progress(), ["loss", *parts])
+            log.info("%s step %d %s %.0f tok/s %.1f min (%.0f%% of stage)", stage, line["step"],
+                     " ".join(f"{k} {line[k]:.4f}" for k in ["loss", *parts]), line["tokens_per_s"],
+                     line["minutes"], 100 * min(1.0, line["stage_progress"]))
+            metrics.write(json.dumps(line) + "\n")
+            metrics.flush()
+            history.append(line)
+
+
+def _run_info(args: argparse.Namespace, setup: _Setup, state: dict, history: list[dict]) -> dict:
+    """The ``training.json`` record of the run."""
+    import torch
+
+    teacher = setup.teacher.config
+    return {"objective": "TinyBERT distillation: " + " then ".join(
+                "embedding/hidden/attention MSE" if s == "intermediate" else
+                f"soft cross-entropy at masked positions (T={args.temperature})" for s in setup.stages),
+            "teacher": setup.source, "teacher_shape": f"{teacher.num_hidden_layers}x{teacher.hidden_size}x"
+                                                      f"{teacher.num_attention_heads}x{teacher.intermediate_size}",
+            "layer_map": setup.layers, "init": args.init, "augment": args.augment, "mask_unit": args.mask_unit,
+            "corpus": str(args.data), "corpus_meta": setup.meta, "shape": args.student_shape,
+            "params": setup.params, "seq_len": args.seq_len, "batch_size": args.batch_size, "lr": args.lr,
+            "seed": args.seed, "steps": state["step"], "tokens_seen": state["tokens"],
+            "masked_seen": state["masked"], "train_minutes": round(state["elapsed"] / 60, 2),
+            "device": str(setup.device), "threads": torch.get_num_threads(),
+            "last": history[-1] if history else {}}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Distil the teacher into the student within the time / step budget."""
+    import torch
+
+    _check_options(args)
+    torch.set_num_threads(max(1, args.threads))
+    torch.manual_seed(args.seed)
+    run_dir: Path = args.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if (run_dir / "state.pt").exists():
+        raise ToolError(f"{run_dir} already holds a run (state.pt); use another --run-dir")
+    setup = _set_up(args, run_dir)
+    log.info("teacher %s (%d layers, hidden %d); student %s: %.2f M parameters, vocab %d; layer map %s; "
+             "init %s; stages %s; budget %.1f min%s", setup.source, setup.teacher.config.num_hidden_layers,
+             setup.teacher.config.hidden_size, args.student_shape, setup.params / 1e6, setup.vocab_size,
+             setup.layers, args.init, "+".join(setup.stages), args.max_minutes,
+             f", {args.max_steps} steps" if args.max_steps else "")
+
     aug_rng = np.random.default_rng([args.seed, 7])
     state = {"step": 0, "elapsed": 0.0, "tokens": 0, "masked": 0}
     history: list[dict] = []
@@ -369,61 +382,10 @@ def run(args: argparse.Namespace) -> int:
     metrics = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
     optimizer = None
     try:
-        for stage, share in zip(stages, shares):
-            student.train()
-            trainable = distiller.trainable(stage)
-            optimizer = make_optimizer(trainable, args.lr, args.weight_decay)
-            budget_s = args.max_minutes * 60 * share
-            budget_steps = max(1, round(args.max_steps * share)) if args.max_steps else None
-            stage_start, stage_steps = state["elapsed"], 0
-            window: dict = {"n": 0, "tokens": 0, "t": time.monotonic()}
-
-            def progress() -> float:
-                p = (state["elapsed"] - stage_start) / budget_s if budget_s > 0 else 1.0
-                return max(p, stage_steps / budget_steps) if budget_steps else p
-
-            log.info("stage %s: %.1f min%s", stage, budget_s / 60, f", {budget_steps} steps" if budget_steps else "")
-            while progress() < 1.0 and not stop.is_set():
-                t0 = time.monotonic()
-                for group in optimizer.param_groups:
-                    group["lr"] = args.lr * lr_factor(progress(), args.warmup)
-                ids, flags, attn = batches.unmasked(state["step"])
-                if args.augment > 0:
-                    ids = augment_words(teacher, distiller.to_teacher, ids, flags, attn, args.augment,
-                                        args.augment_top_k,
-                                        aug_rng, tokenizer.mask_token_id, never)
-                inputs, labels = batches.mask(ids, flags, state["step"])
-                inputs, attn_t, labels = (torch.from_numpy(x).to(device) for x in (inputs, attn, labels))
-                with autocast:
-                    loss, parts = distiller.loss(stage, inputs, attn_t, labels)
-                if not math.isfinite(loss.item()):
-                    raise ToolError(f"loss became {loss.item()} at step {state['step']} ({stage}); lower --lr")
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_([p for _, p in trainable], 1.0)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                state["step"] += 1
-                stage_steps += 1
-                state["tokens"] += int(attn.sum())
-                state["masked"] += int((labels != -100).sum())
-                state["elapsed"] += time.monotonic() - t0
-                window["n"] += 1
-                window["tokens"] += int(attn.sum())
-                for key, value in {"loss": loss.item(), **parts}.items():
-                    window[key] = window.get(key, 0.0) + value
-                if stage_steps % args.log_every == 0 or progress() >= 1.0:
-                    now = time.monotonic()
-                    line = {"stage": stage, "step": state["step"],
-                            **{k: round(window[k] / window["n"], 4) for k in ["loss", *parts]},
-                            "tokens_per_s": round(window["tokens"] / max(now - window["t"], 1e-9), 1),
-                            "minutes": round(state["elapsed"] / 60, 2), "stage_progress": round(progress(), 4)}
-                    log.info("%s step %d %s %.0f tok/s %.1f min (%.0f%% of stage)", stage, line["step"],
-                             " ".join(f"{k} {line[k]:.4f}" for k in ["loss", *parts]), line["tokens_per_s"],
-                             line["minutes"], 100 * min(1.0, line["stage_progress"]))
-                    metrics.write(json.dumps(line) + "\n")
-                    metrics.flush()
-                    history.append(line)
-                    window = {"n": 0, "tokens": 0, "t": now}
+        for stage, share in zip(setup.stages, setup.shares):
+            # made here, not in the stage, so an interrupted stage saves its own optimizer state
+            optimizer = make_optimizer(setup.distiller.trainable(stage), args.lr, args.weight_decay)
+            _train_stage(args, setup, stage, share, optimizer, state, history, metrics, stop, aug_rng)
             if stop.is_set():
                 log.warning("SIGTERM: saving the student at step %d and stopping", state["step"])
                 break
@@ -434,18 +396,8 @@ def run(args: argparse.Namespace) -> int:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
-    student.eval()
-    info = {"objective": "TinyBERT distillation: " + " then ".join(
-                "embedding/hidden/attention MSE" if s == "intermediate" else
-                f"soft cross-entropy at masked positions (T={args.temperature})" for s in stages),
-            "teacher": source, "teacher_shape": f"{teacher.config.num_hidden_layers}x{teacher.config.hidden_size}x"
-                                                f"{teacher.config.num_attention_heads}x{teacher.config.intermediate_size}",
-            "layer_map": layers, "init": args.init, "augment": args.augment, "mask_unit": args.mask_unit,
-            "corpus": str(args.data), "corpus_meta": meta, "shape": args.student_shape, "params": params,
-            "seq_len": args.seq_len, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-            "steps": state["step"], "tokens_seen": state["tokens"], "masked_seen": state["masked"],
-            "train_minutes": round(state["elapsed"] / 60, 2), "device": str(device),
-            "threads": torch.get_num_threads(), "last": history[-1] if history else {}}
-    path = save_checkpoint(run_dir, student.to("cpu"), tokenizer, optimizer, state, info)
+    setup.student.eval()
+    info = _run_info(args, setup, state, history)
+    path = save_checkpoint(run_dir, setup.student.to("cpu"), setup.tokenizer, optimizer, state, info)
     log.info("done: %d steps in %.1f min → %s", state["step"], state["elapsed"] / 60, path)
     return 0
