@@ -175,7 +175,7 @@ def render_admission(stats: Mapping[str, Any]) -> list[str]:
     shed = stats.get("shed_total")
     if isinstance(shed, Mapping):
         name = f"{PREFIX}_admission_shed_total"
-        lines += family(name, "counter", "Predict requests refused with 503, by reason (queue_full, wait_budget).",
+        lines += family(name, "counter", "Predict requests refused with 503, by reason (queue_full, wait_budget, waited_out).",
                         [sample(name, {"reason": r}, int(n)) for r, n in sorted(shed.items())])
     return lines
 

@@ -57,7 +57,7 @@ def test_the_gate_admits_up_to_its_limits_and_refuses_the_rest():
     holder.join(10)
     waiter.join(10)
     stats = gate.stats()
-    assert stats["admitted_total"] == 2 and stats["shed_total"] == {"queue_full": 1, "wait_budget": 0}
+    assert stats["admitted_total"] == 2 and stats["shed_total"] == {"queue_full": 1, "wait_budget": 0, "waited_out": 0}
     assert stats["active"] == 0 and stats["waiting"] == 0 and results["waited"] > 0
 
 
@@ -93,13 +93,39 @@ def test_a_request_that_would_wait_past_its_budget_is_refused_on_arrival():
 
 
 def test_a_waiting_request_gives_up_after_its_wait_budget():
-    # 60 ms of budget against an expected 50 ms wait (the initial estimate): it queues,
-    # and the request ahead holds on, so the budget runs out while it waits.
+    # 60 ms of budget against an expected 50 ms wait (the initial estimate, no deviation
+    # yet): it queues, and the request ahead holds on, so the budget runs out while it waits.
     gate = AdmissionGate(AdmissionLimits(max_active=1, max_waiting=4, max_wait_ms=60))
     with pytest.raises(Overloaded) as refused:
         admit_while_held(gate)
-    assert refused.value.reason == "wait_budget"
-    assert gate.stats()["shed_total"]["wait_budget"] == 1 and gate.stats()["waiting"] == 0
+    assert refused.value.reason == "waited_out"
+    assert gate.stats()["shed_total"]["waited_out"] == 1 and gate.stats()["waiting"] == 0
+
+
+def test_a_variable_engine_time_makes_the_gate_refuse_sooner():
+    """The newcomer's wait is judged by the mean time in the engine plus 4 mean
+    deviations: with the same 50 ms mean, an engine whose times vary by 20 ms makes a
+    100 ms budget too short to queue behind one request (50 + 80 ms), a steady one not."""
+    steady = AdmissionGate(AdmissionLimits(max_active=1, max_waiting=4, max_wait_ms=100))
+    steady._service_s, steady._service_dev = 0.05, 0.0
+    with pytest.raises(Overloaded) as refused:
+        admit_while_held(steady)  # it queues (the holder never lets go) and waits out
+    assert refused.value.reason == "waited_out"
+    varying = AdmissionGate(AdmissionLimits(max_active=1, max_waiting=4, max_wait_ms=100))
+    varying._service_s, varying._service_dev = 0.05, 0.02
+    with pytest.raises(Overloaded) as refused:
+        admit_while_held(varying)
+    assert refused.value.reason == "wait_budget" and varying.stats()["waiting"] == 0
+
+
+def test_the_engine_time_estimate_follows_the_requests():
+    """Mean and deviation move toward what requests take in the engine (gains 1/8, 1/4)."""
+    gate = AdmissionGate()
+    for _ in range(60):
+        with gate.admit():
+            time.sleep(0.01)
+    assert 0.009 < gate._service_s < 0.03
+    assert gate._service_dev < 0.01
 
 
 @pytest.fixture
