@@ -145,32 +145,42 @@ def create_app(engine: Any = None, config: dict[str, Any] | None = None) -> Flas
     model_info = _model_summary(engine)
     if model_info.get("random_init"):
         log.warning("MODEL IS RANDOMLY INITIALISED (%s): answers are meaningless", model_info.get("name"))
+    _add_request_hooks(app, metrics)
+    _add_error_handlers(app)
+    _add_routes(app, engine, metrics, gate, model_info)
+    return app
+
+
+def _token_refusal(token: str | None) -> Response | None:
+    """None when the request may use ``/api/*``; else the 401 answer."""
+    if not token:
+        return None
+    header = request.headers.get("Authorization", "")
+    scheme, _, given = header.partition(" ")
+    # compare_digest: the time taken must not reveal how much of the token matched.
+    if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), str(token).encode()):
+        return None
+    response = error_response(
+        "unauthorized",
+        "需要访问令牌：请在请求头加入 Authorization: Bearer <token>。"
+        " / This API needs a token: send the header 'Authorization: Bearer <token>'.",
+        401,
+    )
+    response.headers["WWW-Authenticate"] = 'Bearer realm="fillmask"'
+    return response
+
+
+def _add_request_hooks(app: Flask, metrics: Metrics) -> None:
+    """Time every request, check the token on ``/api/*``, set the security headers,
+    count the request in the metrics and log failures."""
 
     @app.before_request
     def start_timer() -> Response | None:
         g.start = time.perf_counter()
         g.error_code = None
         if request.path.startswith("/api/"):
-            return check_token()
+            return _token_refusal(app.config.get("API_TOKEN"))
         return None
-
-    def check_token() -> Response | None:
-        token = app.config.get("API_TOKEN")
-        if not token:
-            return None
-        header = request.headers.get("Authorization", "")
-        scheme, _, given = header.partition(" ")
-        # compare_digest: the time taken must not reveal how much of the token matched.
-        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), str(token).encode()):
-            return None
-        response = error_response(
-            "unauthorized",
-            "需要访问令牌：请在请求头加入 Authorization: Bearer <token>。"
-            " / This API needs a token: send the header 'Authorization: Bearer <token>'.",
-            401,
-        )
-        response.headers["WWW-Authenticate"] = 'Bearer realm="fillmask"'
-        return response
 
     @app.after_request
     def finish(response: Response) -> Response:
@@ -187,6 +197,10 @@ def create_app(engine: Any = None, config: dict[str, Any] | None = None) -> Flas
         else:
             log.debug("%s %s -> %d in %.1f ms", request.method, request.path, response.status_code, seconds * 1000)
         return response
+
+
+def _add_error_handlers(app: Flask) -> None:
+    """Every error becomes the JSON ``{"error", "message"}`` answer; the server goes on."""
 
     @app.errorhandler(ApiError)
     def handle_api_error(exc: ApiError) -> Response:
@@ -216,6 +230,43 @@ def create_app(engine: Any = None, config: dict[str, Any] | None = None) -> Flas
             500,
         )
 
+
+def _predict(engine: Any, gate: AdmissionGate, body: Any, max_top_k: int, default_top_k: int) -> Response:
+    """Validate a predict request, run it through the admission gate and the engine,
+    and answer it (503 + Retry-After when overloaded or past its deadline)."""
+    text, top_k, blank_length, fusion = validate_predict(body, max_top_k, default_top_k)
+    try:
+        # ``fusion`` is passed only when the client turned it off, so an engine
+        # without the option (a fake, an older one) still serves the default.
+        options = {} if fusion else {"fusion": False}
+        with gate.admit():
+            result = engine.predict(text, top_k=top_k, blank_length=blank_length, **options)
+    except Overloaded as exc:
+        response = error_response(
+            "overloaded",
+            f"服务繁忙，请 {exc.retry_after} 秒后重试。"
+            f" / The service is busy ({exc.reason.replace('_', ' ')}): retry in {exc.retry_after} s.",
+            503,
+        )
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response
+    except Exception as exc:  # noqa: BLE001 - input errors become 400, the rest 500
+        if is_engine_input_error(exc):
+            code = exc.code  # type: ignore[attr-defined]
+            if code not in ENGINE_INPUT_CODES:
+                log.debug("engine input error code %r not in the known list", code)
+            if code in ENGINE_RETRY_CODES:
+                response = error_response(code, str(exc), 503)
+                response.headers["Retry-After"] = "1"
+                return response
+            raise ApiError(code, str(exc), 400) from exc
+        raise
+    return jsonify(result)
+
+
+def _add_routes(app: Flask, engine: Any, metrics: Metrics, gate: AdmissionGate, model_info: dict) -> None:
+    """The kiosk page, the JSON API, health and metrics."""
+
     @app.get("/")
     def index() -> Response:
         response = app.send_static_file("index.html")
@@ -239,35 +290,7 @@ def create_app(engine: Any = None, config: dict[str, Any] | None = None) -> Flas
 
     @app.post("/api/predict")
     def predict() -> Response:
-        body = read_json_body()
-        text, top_k, blank_length, fusion = validate_predict(body, app.config["MAX_TOP_K"], app.config["DEFAULT_TOP_K"])
-        try:
-            # ``fusion`` is passed only when the client turned it off, so an engine
-            # without the option (a fake, an older one) still serves the default.
-            options = {} if fusion else {"fusion": False}
-            with gate.admit():
-                result = engine.predict(text, top_k=top_k, blank_length=blank_length, **options)
-        except Overloaded as exc:
-            response = error_response(
-                "overloaded",
-                f"服务繁忙，请 {exc.retry_after} 秒后重试。"
-                f" / The service is busy ({exc.reason.replace('_', ' ')}): retry in {exc.retry_after} s.",
-                503,
-            )
-            response.headers["Retry-After"] = str(exc.retry_after)
-            return response
-        except Exception as exc:  # noqa: BLE001 - input errors become 400, the rest 500
-            if is_engine_input_error(exc):
-                code = exc.code  # type: ignore[attr-defined]
-                if code not in ENGINE_INPUT_CODES:
-                    log.debug("engine input error code %r not in the known list", code)
-                if code in ENGINE_RETRY_CODES:
-                    response = error_response(code, str(exc), 503)
-                    response.headers["Retry-After"] = "1"
-                    return response
-                raise ApiError(code, str(exc), 400) from exc
-            raise
-        return jsonify(result)
+        return _predict(engine, gate, read_json_body(), app.config["MAX_TOP_K"], app.config["DEFAULT_TOP_K"])
 
     @app.get("/metrics")
     def prometheus() -> Response:
@@ -279,8 +302,6 @@ def create_app(engine: Any = None, config: dict[str, Any] | None = None) -> Flas
             stats = None
         text = metrics.render(stats, model_info, gate.stats())
         return Response(text, content_type=METRICS_CONTENT_TYPE)
-
-    return app
 
 
 # HTTP-level errors raised by Flask/Werkzeug, as (code, bilingual message).

@@ -44,6 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="verbose (DEBUG) logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _add_serve_command(sub)
+    _add_predict_command(sub)
+    _add_info_command(sub)
+    _add_serial_command(sub)
+    return parser
+
+
+def _add_serve_command(sub) -> None:
+    """``serve``: the HTTP service, its admission limits, and optionally a serial port."""
     serve = sub.add_parser(
         "serve",
         help="run the HTTP service (kiosk page, JSON API, metrics) under waitress",
@@ -87,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--serial-baud", type=positive_int, default=115200, help="with --serial: baud rate")
 
+
+def _add_predict_command(sub) -> None:
+    """``predict``: one sentence's candidates, as a table or the API's JSON."""
     predict = sub.add_parser(
         "predict",
         help="fill the blanks of one sentence and print the candidates",
@@ -103,12 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--json", action="store_true", help="print the HTTP API's JSON instead of a table")
     add_engine_arguments(predict)
 
+
+def _add_info_command(sub) -> None:
+    """``info``: the bundle's manifest summary."""
     info = sub.add_parser(
         "info", help="show the bundle's manifest summary", formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     info.add_argument("--json", action="store_true", help="print JSON")
     add_engine_arguments(info)
 
+
+def _add_serial_command(sub) -> None:
+    """``serial``: serve a serial port (its options come from edge/serial_terminal.py)."""
     serial = sub.add_parser(
         "serial",
         help="serve a serial port (one line in, the answer out); see edge/serial_terminal.py",
@@ -121,7 +139,6 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_serial_arguments(serial)
     add_engine_arguments(serial)
-    return parser
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:

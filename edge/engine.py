@@ -492,7 +492,6 @@ class Engine:
         prefix. The best combinations of those distributions propose the model's own words.
         """
         fusion = self.fusion
-        limits = fusion.limits
         left_text, right_text = self._context_text(query, fills, index)
         left, right = fusion.contexts(left_text, right_text)
         lengths = query.lengths[index]
@@ -513,66 +512,80 @@ class Engine:
         outputs = pending.result(timeout=60.0)
         pool: list[Candidate] = []
         for n, logits in zip(lengths, outputs):
-            found: dict[str, Candidate] = {}
-
-            def add(text: str, source: str) -> Candidate:
-                cand = found.get(text)
-                if cand is None:
-                    cand = found[text] = Candidate(text=text)
-                cand.sources.add(source)
-                return cand
-
-            position_logp = _log_softmax(logits, self.invalid)
-            if n == 1:
-                logp = position_logp[0]
-                top = int(limits["model"])
-                best = np.argpartition(-logp, top)[:top] if top < len(logp) else np.arange(len(logp))
-                for t in best[np.argsort(-logp[best], kind="stable")]:
-                    if np.isfinite(logp[t]):
-                        add(self.id_to_token[int(t)], "model")
-            else:
-                for tokens in _best_combinations(position_logp, int(limits["word_model"])):
-                    add(self._detokenize(tokens), "model")
-
-            def independent(text: str) -> float | None:
-                if n == 1:
-                    t = self.char_token.get(text)
-                    return None if t is None else float(position_logp[0, t])
-                tokens = self._tokens_of(text)
-                if tokens is None or len(tokens) != n:
-                    return None
-                return float(sum(position_logp[k, t] for k, t in enumerate(tokens)))
-
-            # Fillers from the LM's vocabulary: words with the neighbours, and for a
-            # longer blank the LM's words of that length that the model's per-position
-            # view ranks highest and those the LM has after the previous word; the
-            # short list keeps the best by the model's view plus the LM's prior (ln).
-            proposals = neighbours[n]
-            if n > 1 and fusion.lm is not None:
-                guesses = fusion.words_fitting_model(n, position_logp, int(limits["word_lm"]))
-                if scorer is not None:
-                    for _, _, h1 in scorer.left_states(1):
-                        guesses += fusion.words_following(h1, n, position_logp, int(limits["word_lm"]))
-                for word in guesses:
-                    proposals.setdefault(word, fusion.lm.logp(-1, -1, fusion.lm.word_id(word)))
-            # (None from the model: it cannot write the filler, which may still be right.)
-            texts = list(proposals)
-            values = [independent(t) for t in texts] if n > 1 else \
-                [None if (t := self.char_token.get(text)) is None else position_logp[0, t] for text in texts]
-            keys = np.array([MODEL_FLOOR if v is None else v for v in values]) + LN10 * np.array(
-                [proposals[t] for t in texts])
-            keep = int(limits["lm"] if n == 1 else limits["word_lm"])
-            for k in sorted(range(len(texts)), key=lambda k: (-keys[k], texts[k]))[:keep]:
-                add(texts[k], "lm")
-            for hit in hits[n]:
-                add(hit.filler, "memory").memory = hit
-            for c in found.values():
-                c.model = independent(c.text)
-            pool.extend(found.values())
+            pool.extend(self._candidates_of_length(n, _log_softmax(logits, self.invalid), neighbours[n],
+                                                   hits[n], scorer))
         texts = [c.text for c in pool]
         for c, score in zip(pool, fusion.lm_scores(left, right, texts, scorer)):
             c.lm = score
         return fusion.rank(pool, fusion.kind(lengths[0], auto), z=z)
+
+    def _independent_logp(self, position_logp: np.ndarray, text: str) -> float | None:
+        """The model's sum of per-position log-probabilities of ``text`` in an all-masked
+        blank of its length; None when the model cannot write it."""
+        n = position_logp.shape[0]
+        if n == 1:
+            t = self.char_token.get(text)
+            return None if t is None else float(position_logp[0, t])
+        tokens = self._tokens_of(text)
+        if tokens is None or len(tokens) != n:
+            return None
+        return float(sum(position_logp[k, t] for k, t in enumerate(tokens)))
+
+    def _model_proposals(self, position_logp: np.ndarray) -> list[str]:
+        """The model's own candidates: its top characters, or for a longer blank the best
+        combinations of its per-position distributions."""
+        limits = self.fusion.limits
+        if position_logp.shape[0] > 1:
+            return [self._detokenize(tokens) for tokens in _best_combinations(position_logp, int(limits["word_model"]))]
+        logp = position_logp[0]
+        top = int(limits["model"])
+        best = np.argpartition(-logp, top)[:top] if top < len(logp) else np.arange(len(logp))
+        return [self.id_to_token[int(t)] for t in best[np.argsort(-logp[best], kind="stable")] if np.isfinite(logp[t])]
+
+    def _lm_proposals(self, position_logp: np.ndarray, neighbours: dict[str, float], scorer) -> list[str]:
+        """Fillers from the LM's vocabulary: words with the neighbours, and for a longer
+        blank the LM's words of that length that the model's per-position view ranks
+        highest and those the LM has after the previous word; the short list keeps the
+        best by the model's view plus the LM's prior (ln)."""
+        fusion, n = self.fusion, position_logp.shape[0]
+        proposals = neighbours
+        if n > 1 and fusion.lm is not None:
+            guesses = fusion.words_fitting_model(n, position_logp, int(fusion.limits["word_lm"]))
+            if scorer is not None:
+                for _, _, h1 in scorer.left_states(1):
+                    guesses += fusion.words_following(h1, n, position_logp, int(fusion.limits["word_lm"]))
+            for word in guesses:
+                proposals.setdefault(word, fusion.lm.logp(-1, -1, fusion.lm.word_id(word)))
+        # (None from the model: it cannot write the filler, which may still be right.)
+        texts = list(proposals)
+        values = [self._independent_logp(position_logp, t) for t in texts]
+        keys = np.array([MODEL_FLOOR if v is None else v for v in values]) + LN10 * np.array(
+            [proposals[t] for t in texts])
+        keep = int(fusion.limits["lm"] if n == 1 else fusion.limits["word_lm"])
+        return [texts[k] for k in sorted(range(len(texts)), key=lambda k: (-keys[k], texts[k]))[:keep]]
+
+    def _candidates_of_length(self, n: int, position_logp: np.ndarray, neighbours: dict[str, float],
+                              hits, scorer) -> list[Candidate]:
+        """The candidates of one blank length, each with its sources, the model's
+        log-probability and the memory hit that proposed it (the LM score comes later)."""
+        found: dict[str, Candidate] = {}
+
+        def add(text: str, source: str) -> Candidate:
+            cand = found.get(text)
+            if cand is None:
+                cand = found[text] = Candidate(text=text)
+            cand.sources.add(source)
+            return cand
+
+        for text in self._model_proposals(position_logp):
+            add(text, "model")
+        for text in self._lm_proposals(position_logp, neighbours, scorer):
+            add(text, "lm")
+        for hit in hits:
+            add(hit.filler, "memory").memory = hit
+        for c in found.values():
+            c.model = self._independent_logp(position_logp, c.text)
+        return list(found.values())
 
     def _solve_fused(self, query: _Query) -> list[list[Candidate]]:
         """Fused answers for every blank, easy-first as in :meth:`_solve`."""

@@ -49,6 +49,7 @@ from typing import Any
 from tools import ToolError
 from tools.benchmark.inputs import SETS, build_inputs, load_text
 from tools.benchmark.report import render_chart, render_markdown
+from tools.benchmark.summary import flop_table, goals
 from tools.benchmark.worker import ALL_SYSTEMS, QUANTIZED_VARIANTS
 from tools.benchmark.loadtest import percentile
 from tools.benchmark.models import (BERT_SOURCE, DEFAULT_BUNDLE, DEFAULT_CHECKPOINT, SHARED, ModelSpec, child_env,
@@ -222,119 +223,9 @@ def bench_model(python: str, spec: ModelSpec, notes: dict[str, Any], inputs_path
     return result
 
 
-# ============================================================================ estimates & goals
-
-def flop_table(results: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
-    """Per-query arithmetic of each system and input set, and the Pi estimates."""
-    from edge.batcher import DEFAULT_BUCKETS
-    from tools.benchmark.pi_estimate import PI4, PI5, estimate, host_cpu, query_flops, shape_of_hf_config
-
-    host, host_notes = host_cpu()
-    out: dict[str, Any] = {"host": vars(host), "host_notes": host_notes, "models": {}}
-    for key, model in results.items():
-        ckpt = model.get("checkpoint")
-        bundle_cfg = _bundle_shape(model["bundle"])
-        if bundle_cfg is None:
-            continue
-        shape_trim = bundle_cfg
-        shape_full = shape_of_hf_config(json.loads((Path(ckpt) / "config.json").read_text())) if ckpt else None
-        entry: dict[str, Any] = {}
-        for name in ("short", "long", "short_4"):
-            items = inputs.get(name) or []
-            if not items:
-                continue
-            lengths = [i["tokens"] for i in items]
-            seq = sum(lengths) / len(lengths)
-            # ours: one pass at the padded bucket length for a single blank; a 4-char
-            # blank runs beam search: 1 + 3 x beam(5) rows, one head row each.
-            rows = 1 + 3 * 5 if name == "short_4" else 1
-            buckets = [next((b for b in DEFAULT_BUCKETS if b >= n), n) for n in lengths]
-            per: dict[str, Any] = {"mean_tokens": seq, "mean_bucket": sum(buckets) / len(buckets)}
-            per["ours_gflop"] = sum(rows * query_flops(shape_trim, b, 1) for b in buckets) / len(buckets) / 1e9
-            if shape_full:
-                # pipeline / plain ORT: exact length, head at every position, full vocabulary
-                per["full_gflop"] = sum(query_flops(shape_full, n, n) for n in lengths) / len(lengths) / 1e9
-            for system in ALL_SYSTEMS:
-                data = model["systems"].get(system, {}).get("sets", {}).get(name)
-                if not data:
-                    continue
-                ours = system.startswith("ours")
-                flops = (per["ours_gflop"] if ours else per.get("full_gflop", 0)) * 1e9
-                weights = model["systems"][system].get("model_file_bytes")
-                # int4 multiplies in int8 inside MatMulNBits (accuracy level 4)
-                est = estimate(flops, data["median_ms"], host, model["systems"][system].get("threads", 2),
-                               int8=ours, weight_bytes=weights, targets=(PI4, PI5))
-                per[system] = est
-            entry[name] = per
-        out["models"][key] = entry
-    return out
-
-
-def _bundle_shape(bundle: str):
-    from tools.benchmark.pi_estimate import parse_arch
-
-    path = Path(bundle) / "manifest.json"
-    if not path.is_file():
-        return None
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    return parse_arch(manifest["architecture"], manifest["vocab_size"])
-
-
-def goals(results: dict[str, Any], load: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """The issue's targets, each with the measured value and met / missed."""
-    rows: list[dict[str, Any]] = []
-    base = results.get("bert-base-random") or next(iter(results.values()), None)
-    if base:
-        systems = base["systems"]
-
-        def med(system: str) -> float | None:
-            return systems.get(system, {}).get("sets", {}).get("short", {}).get("median_ms")
-
-        ours, pipe, ort_ = med("ours"), med("pipeline"), med("ort-fp32")
-        if ours and pipe:
-            rows.append({"goal": "ours >= 5x faster than the PyTorch pipeline (<=32 tokens, median)",
-                         "measured": f"{pipe / ours:.1f}x ({pipe:.1f} ms vs {ours:.1f} ms)", "met": pipe / ours >= 5})
-        if ours and ort_:
-            rows.append({"goal": "ours >= 3x faster than plain ORT FP32 (<=32 tokens, median)",
-                         "measured": f"{ort_ / ours:.1f}x ({ort_:.1f} ms vs {ours:.1f} ms)", "met": ort_ / ours >= 3})
-        mem_ours = systems.get("ours", {}).get("rss_after_run_mb")
-        mem_pipe = systems.get("pipeline", {}).get("rss_after_run_mb")
-        if mem_ours and mem_pipe:
-            rows.append({"goal": "ours RSS <= 1/2 of the PyTorch process's (after the run)",
-                         "measured": f"{mem_ours:.0f} MB vs {mem_pipe:.0f} MB = {mem_ours / mem_pipe:.2f}",
-                         "met": mem_ours / mem_pipe <= 0.5})
-        for row in rows:
-            row["model"] = base["label"]
-    default = results.get("default")
-    agree = (default or {}).get("agreement", {})
-    if "top1_agreement" in agree:
-        rows.append({"goal": "INT8 top-1 agreement with FP32 >= 98% on real text (trained default model)",
-                     "measured": f"{100 * agree['top1_agreement']:.1f}% over {agree['masked_positions']} blanks "
-                                 f"({100 * agree['top1_agreement_kept_vocab']:.1f}% within the kept vocabulary)",
-                     "met": agree["top1_agreement"] >= 0.98, "model": default["label"]})
-        common = agree.get("fp32_top1_most_common") or []
-        if common and common[0][1] / agree["masked_positions"] > 0.3:
-            rows[-1]["measured"] += (f"; caution: FP32 answers '{common[0][0]}' for "
-                                     f"{100 * common[0][1] / agree['masked_positions']:.0f}% of blanks, so this "
-                                     "agreement is inflated")
-    else:
-        rows.append({"goal": "INT8 top-1 agreement with FP32 >= 98% on real text (trained default model)",
-                     "measured": "not measured (no default bundle + checkpoint)", "met": None, "model": "default"})
-    if load:
-        load = load.get("bert-base-random") or next(iter(load.values()))
-        on = load.get("results", {}).get("batching-on", {})
-        at50 = next((r for r in on.get("rates", []) if r["offered_rps"] == 50), None)
-        if at50:
-            rows.append({"goal": "p99 <= 100 ms at 50 requests/s, zero errors (HTTP, micro-batching on)",
-                         "measured": f"p99 {at50['p99_ms']:.1f} ms, {at50['errors']} errors, "
-                                     f"{at50['achieved_rps']:.1f} req/s achieved",
-                         "met": at50["p99_ms"] <= 100 and at50["errors"] == 0, "model": load.get("model")})
-    return rows
-
-
-
 # ============================================================================ command
 
+# --quick: a smoke test of every part
 QUICK = {"iterations": 5, "warmup": 1, "cold_runs": 1, "n_agree": 12, "rates": [5.0, 10.0], "load_seconds": 2.0,
          "n_per_set": 8, "n_load": 40}
 
@@ -382,14 +273,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker-timeout", type=float, default=900.0, help="seconds before a worker is killed")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the whole benchmark and write results.md / results.json / bench.png."""
-    try:
-        import psutil  # noqa: F401
-    except ImportError:
-        raise ToolError("psutil is needed for memory readings: pip install psutil (it is in the tools extra)") from None
-    command = shlex.join(["python", "-m", "tools", *sys.argv[1:]]) if sys.argv[0].endswith("__main__.py") \
-        else shlex.join(sys.argv)
+def _apply_quick(args: argparse.Namespace) -> tuple[list[float], int, int]:
+    """Normalise the options; return the offered rates and how many inputs to pick per
+    timed set and for the load test (fewer with ``--quick``)."""
     rates = [float(r) for r in str(args.rates).split(",") if r.strip()]
     n_per_set, n_load = 60, 500
     if args.quick:
@@ -407,18 +293,12 @@ def run(args: argparse.Namespace) -> int:
         raise ToolError(f"--quantizations: unknown {', '.join(sorted(args.quantizations - set(QUANTIZED_VARIANTS.values())))}"
                         " (use static, int4)")
     args.sets = list(SETS)
-    out = Path(args.out)
-    work = out / "work"
-    work.mkdir(parents=True, exist_ok=True)
-    python = sys.executable
-    warnings: list[str] = []
-    started = time.monotonic()
-    busy = contention()
-    if busy["other_heavy_processes"]:
-        warnings.append("other CPU-heavy processes were running at the start: " + "; ".join(busy["other_heavy_processes"]))
-        log.warning("%s", warnings[-1])
+    return rates, n_per_set, n_load
 
-    # -- models
+
+def _prepare_models(args: argparse.Namespace, work: Path, python: str,
+                    warnings: list[str]) -> list[tuple[ModelSpec, dict[str, Any]]]:
+    """The models to benchmark, each with its checkpoint, FP32 export and bundles."""
     specs: list[tuple[ModelSpec, dict[str, Any]]] = []
     if args.checkpoint or args.bundle:
         if not (args.checkpoint and args.bundle):
@@ -447,8 +327,12 @@ def run(args: argparse.Namespace) -> int:
                 log.warning("%s", warnings[-1])
     if not specs:
         raise ToolError("nothing to benchmark (no model prepared)")
+    return specs
 
-    # -- inputs
+
+def _pick_inputs(args: argparse.Namespace, specs, work: Path, n_per_set: int, n_load: int) -> tuple[dict, Path]:
+    """Held-apart inputs for every set (cached by their settings); return them and the
+    file the workers read."""
     if not args.data.exists():
         raise ToolError(f"{args.data}: corpus folder for the held-apart inputs does not exist")
     tokenizer_path = args.bert_source / "tokenizer.json"
@@ -465,16 +349,12 @@ def run(args: argparse.Namespace) -> int:
     inputs = json.loads(cache.read_text(encoding="utf-8"))
     inputs_path = work / "inputs-used.json"
     inputs_path.write_text(json.dumps(inputs, ensure_ascii=False, indent=1), encoding="utf-8")
+    return inputs, inputs_path
 
-    # -- per-system timing
-    results = {}
-    for spec, notes in specs:
-        results[spec.key] = bench_model(python, spec, notes, inputs_path, args, work)
-        for system, res in results[spec.key]["systems"].items():
-            if "error" in res:
-                warnings.append(f"{spec.key} / {system}: {res['error']}")
 
-    # -- HTTP load test
+def _load_tests(args: argparse.Namespace, specs, results: dict, inputs: dict, rates: list[float], out: Path,
+                warnings: list[str]) -> dict[str, Any]:
+    """The HTTP load test of each ``--load-model``, in every server configuration."""
     load: dict[str, Any] = {}
     load_keys = [k.strip() for k in (args.load_model or "").split(",") if k.strip()] or \
         ["bert-base-random" if "bert-base-random" in results else specs[0][0].key]
@@ -508,6 +388,38 @@ def run(args: argparse.Namespace) -> int:
         for name, entry in load[load_key]["results"].items():
             if "error" in entry:
                 warnings.append(f"load test {load_key} / {name}: {entry['error']}")
+    return load
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the whole benchmark and write results.md / results.json / bench.png."""
+    try:
+        import psutil  # noqa: F401
+    except ImportError:
+        raise ToolError("psutil is needed for memory readings: pip install psutil (it is in the tools extra)") from None
+    command = shlex.join(["python", "-m", "tools", *sys.argv[1:]]) if sys.argv[0].endswith("__main__.py") \
+        else shlex.join(sys.argv)
+    rates, n_per_set, n_load = _apply_quick(args)
+    out = Path(args.out)
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    python = sys.executable
+    warnings: list[str] = []
+    started = time.monotonic()
+    busy = contention()
+    if busy["other_heavy_processes"]:
+        warnings.append("other CPU-heavy processes were running at the start: " + "; ".join(busy["other_heavy_processes"]))
+        log.warning("%s", warnings[-1])
+
+    specs = _prepare_models(args, work, python, warnings)
+    inputs, inputs_path = _pick_inputs(args, specs, work, n_per_set, n_load)
+    results = {}
+    for spec, notes in specs:
+        results[spec.key] = bench_model(python, spec, notes, inputs_path, args, work)
+        for system, res in results[spec.key]["systems"].items():
+            if "error" in res:
+                warnings.append(f"{spec.key} / {system}: {res['error']}")
+    load = _load_tests(args, specs, results, inputs, rates, out, warnings)
 
     # -- estimates, goals, report
     from tools.benchmark.pi_estimate import ASSUMPTIONS, cpu_table

@@ -25,10 +25,10 @@ def _mb(nbytes: int | None) -> str:
     return "–" if nbytes is None else f"{nbytes / 1e6:.1f} MB"
 
 
-def render_markdown(report: dict[str, Any]) -> str:
-    """The human-readable report (tables)."""
+def _header_lines(report: dict[str, Any]) -> list[str]:
+    """Date, command, machine, versions, contention and what each system does."""
     m = report["machine"]
-    lines = [
+    return [
         "# Benchmark: PyTorch pipeline vs plain ONNX Runtime FP32 vs this runtime (INT8)",
         "",
         f"- Date: {report['date']}",
@@ -52,74 +52,97 @@ def render_markdown(report: dict[str, Any]) -> str:
         "(left-to-right beam search, beam 5: 4 session runs, 16 rows), so it does more work by design.",
         "",
     ]
-    for key, model in report["models"].items():
-        lines += [f"## {model['label']}", ""]
-        if model.get("random_init"):
-            lines += ["**Random weights**: speed, memory and size depend on the architecture only; the "
-                      "answers (and the agreement figures) of this model are meaningless.", ""]
-        if model.get("note"):
-            lines += [f"Note: {model['note']}", ""]
-        lines += ["| system | input | median ms | p99 ms | vs pipeline | vs ORT FP32 |",
-                  "|---|---|---:|---:|---:|---:|"]
-        systems = model["systems"]
-        for name in SETS:
-            for system in ALL_SYSTEMS:
-                data = systems.get(system, {}).get("sets", {}).get(name)
-                if not data:
-                    continue
-                pipe = systems.get("pipeline", {}).get("sets", {}).get(name, {}).get("median_ms")
-                ort_ = systems.get("ort-fp32", {}).get("sets", {}).get(name, {}).get("median_ms")
-                med = data["median_ms"]
-                lines.append(
-                    f"| {system} | {SET_LABELS[name]} (avg {data['mean_tokens']:.0f} tok) | {med:.1f} | "
-                    f"{data['p99_ms']:.1f} | {_fmt(pipe / med if pipe else None, 1, 'x')} | "
-                    f"{_fmt(ort_ / med if ort_ else None, 1, 'x')} |")
-        lines += ["", "| system | RSS after load | RSS after run | peak RSS | model file | cold start (median of fresh launches) |",
-                  "|---|---:|---:|---:|---:|---:|"]
+
+
+def _timing_lines(model: dict[str, Any]) -> list[str]:
+    """A model's latency table: each system on each input set, with the ratios."""
+    lines: list[str] = []
+    lines += [f"## {model['label']}", ""]
+    if model.get("random_init"):
+        lines += ["**Random weights**: speed, memory and size depend on the architecture only; the "
+                  "answers (and the agreement figures) of this model are meaningless.", ""]
+    if model.get("note"):
+        lines += [f"Note: {model['note']}", ""]
+    lines += ["| system | input | median ms | p99 ms | vs pipeline | vs ORT FP32 |",
+              "|---|---|---:|---:|---:|---:|"]
+    systems = model["systems"]
+    for name in SETS:
         for system in ALL_SYSTEMS:
-            data = systems.get(system)
+            data = systems.get(system, {}).get("sets", {}).get(name)
             if not data:
                 continue
-            if "error" in data:
-                lines.append(f"| {system} | failed: {data['error'][:200]} | | | | |")
-                continue
-            cold = data.get("cold_start", {}).get("median", data.get("cold_start_s"))
-            lines.append(f"| {system} | {_fmt(data.get('rss_loaded_mb'), 0, ' MB')} | "
-                         f"{_fmt(data.get('rss_after_run_mb'), 0, ' MB')} | {_fmt(data.get('peak_rss_mb'), 0, ' MB')} | "
-                         f"{_mb(data.get('model_file_bytes'))} | {_fmt(cold, 2, ' s')} |")
-        agree = model.get("agreement")
-        if agree and "top1_agreement" in agree:
-            lines += ["", f"INT8 bundle (engine answers) vs plain FP32 model on {agree['masked_positions']} "
-                          "held-apart single-character blanks (a row per other quantization after the first):", "",
-                      "| top-1 agreement | top-5 overlap | top-1 agr. within kept vocab | top-5 overlap within kept vocab "
-                      "| FP32 top-1 accuracy | INT8 top-1 accuracy | vocab FP32 → bundle |",
-                      "|---:|---:|---:|---:|---:|---:|---:|",
-                      f"| {100 * agree['top1_agreement']:.1f}% | {100 * agree['top5_overlap']:.1f}% | "
-                      f"{100 * agree['top1_agreement_kept_vocab']:.1f}% | {100 * agree['top5_overlap_kept_vocab']:.1f}% | "
-                      f"{100 * agree['fp32_top1_accuracy']:.1f}% | {100 * agree['ours_top1_accuracy']:.1f}% | "
-                      f"{agree['fp32_vocab']} → {agree['bundle_vocab']} |"]
-            for system, other in (model.get("agreement_variants") or {}).items():
-                if "top1_agreement" in other:
-                    lines.append(f"| {100 * other['top1_agreement']:.1f}% | {100 * other['top5_overlap']:.1f}% | "
-                                 f"{100 * other['top1_agreement_kept_vocab']:.1f}% | "
-                                 f"{100 * other['top5_overlap_kept_vocab']:.1f}% | "
-                                 f"{100 * other['fp32_top1_accuracy']:.1f}% | {100 * other['ours_top1_accuracy']:.1f}% "
-                                 f"({system}) | {other['fp32_vocab']} → {other['bundle_vocab']} |")
-            if model.get("random_init"):
-                lines.append("\n(Random weights: near-uniform logits, so agreement here mostly measures noise, "
-                             "not quantization quality.)")
-            common = agree.get("fp32_top1_most_common") or []
-            if common:
-                share = common[0][1] / agree["masked_positions"]
-                lines.append(f"\nFP32 top-1 answers: {agree['fp32_top1_distinct']} distinct; most common "
-                             + ", ".join(f"'{t}' x{c}" for t, c in common) + ".")
-                if share > 0.3:
-                    lines.append(f"**Caution**: the FP32 model answers '{common[0][0]}' for {100 * share:.0f}% of "
-                                 "the blanks; agreement between two copies of a model this undecided is inflated "
-                                 "and says little about INT8 quality on a well-trained model.")
-        elif agree:
-            lines += ["", f"Agreement: failed: {agree.get('error')}"]
-        lines.append("")
+            pipe = systems.get("pipeline", {}).get("sets", {}).get(name, {}).get("median_ms")
+            ort_ = systems.get("ort-fp32", {}).get("sets", {}).get(name, {}).get("median_ms")
+            med = data["median_ms"]
+            lines.append(
+                f"| {system} | {SET_LABELS[name]} (avg {data['mean_tokens']:.0f} tok) | {med:.1f} | "
+                f"{data['p99_ms']:.1f} | {_fmt(pipe / med if pipe else None, 1, 'x')} | "
+                f"{_fmt(ort_ / med if ort_ else None, 1, 'x')} |")
+    return lines
+
+
+def _memory_lines(model: dict[str, Any]) -> list[str]:
+    """A model's memory, file size and cold start per system."""
+    systems = model["systems"]
+    lines: list[str] = []
+    lines += ["", "| system | RSS after load | RSS after run | peak RSS | model file | cold start (median of fresh launches) |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for system in ALL_SYSTEMS:
+        data = systems.get(system)
+        if not data:
+            continue
+        if "error" in data:
+            lines.append(f"| {system} | failed: {data['error'][:200]} | | | | |")
+            continue
+        cold = data.get("cold_start", {}).get("median", data.get("cold_start_s"))
+        lines.append(f"| {system} | {_fmt(data.get('rss_loaded_mb'), 0, ' MB')} | "
+                     f"{_fmt(data.get('rss_after_run_mb'), 0, ' MB')} | {_fmt(data.get('peak_rss_mb'), 0, ' MB')} | "
+                     f"{_mb(data.get('model_file_bytes'))} | {_fmt(cold, 2, ' s')} |")
+    return lines
+
+
+def _agreement_lines(model: dict[str, Any]) -> list[str]:
+    """How the quantized bundles' answers agree with the FP32 model's."""
+    lines: list[str] = []
+    agree = model.get("agreement")
+    if agree and "top1_agreement" in agree:
+        lines += ["", f"INT8 bundle (engine answers, model alone: no word LM or memory) vs plain FP32 model on {agree['masked_positions']} "
+                      "held-apart single-character blanks (a row per other quantization after the first):", "",
+                  "| top-1 agreement | top-5 overlap | top-1 agr. within kept vocab | top-5 overlap within kept vocab "
+                  "| FP32 top-1 accuracy | INT8 top-1 accuracy | vocab FP32 → bundle |",
+                  "|---:|---:|---:|---:|---:|---:|---:|",
+                  f"| {100 * agree['top1_agreement']:.1f}% | {100 * agree['top5_overlap']:.1f}% | "
+                  f"{100 * agree['top1_agreement_kept_vocab']:.1f}% | {100 * agree['top5_overlap_kept_vocab']:.1f}% | "
+                  f"{100 * agree['fp32_top1_accuracy']:.1f}% | {100 * agree['ours_top1_accuracy']:.1f}% | "
+                  f"{agree['fp32_vocab']} → {agree['bundle_vocab']} |"]
+        for system, other in (model.get("agreement_variants") or {}).items():
+            if "top1_agreement" in other:
+                lines.append(f"| {100 * other['top1_agreement']:.1f}% | {100 * other['top5_overlap']:.1f}% | "
+                             f"{100 * other['top1_agreement_kept_vocab']:.1f}% | "
+                             f"{100 * other['top5_overlap_kept_vocab']:.1f}% | "
+                             f"{100 * other['fp32_top1_accuracy']:.1f}% | {100 * other['ours_top1_accuracy']:.1f}% "
+                             f"({system}) | {other['fp32_vocab']} → {other['bundle_vocab']} |")
+        if model.get("random_init"):
+            lines.append("\n(Random weights: near-uniform logits, so agreement here mostly measures noise, "
+                         "not quantization quality.)")
+        common = agree.get("fp32_top1_most_common") or []
+        if common:
+            share = common[0][1] / agree["masked_positions"]
+            lines.append(f"\nFP32 top-1 answers: {agree['fp32_top1_distinct']} distinct; most common "
+                         + ", ".join(f"'{t}' x{c}" for t, c in common) + ".")
+            if share > 0.3:
+                lines.append(f"**Caution**: the FP32 model answers '{common[0][0]}' for {100 * share:.0f}% of "
+                             "the blanks; agreement between two copies of a model this undecided is inflated "
+                             "and says little about INT8 quality on a well-trained model.")
+    elif agree:
+        lines += ["", f"Agreement: failed: {agree.get('error')}"]
+    return lines
+
+
+def _load_lines(report: dict[str, Any]) -> list[str]:
+    """The HTTP load test tables, one per served model."""
+    m = report["machine"]
+    lines: list[str] = []
     for load in (report.get("load") or {}).values():
         lines += [f"## HTTP load test ({load['model']})", "",
                   f"`python -m edge serve` on loopback, cache off, distinct sentences (<=32 tokens, one blank), "
@@ -146,6 +169,12 @@ def render_markdown(report: dict[str, Any]) -> str:
                              f"{_fmt(entry['rss_before_mb'], 0)} MB, after all rates {_fmt(entry.get('rss_after_mb'), 0)} MB "
                              f"(growth {growth:+.0f} MB)")
         lines.append("")
+    return lines
+
+
+def _estimate_lines(report: dict[str, Any]) -> list[str]:
+    """The paper estimate for Raspberry Pi 4 / Pi 5."""
+    lines: list[str] = []
     flops = report.get("estimates")
     if flops:
         host = flops["host"]
@@ -168,6 +197,12 @@ def render_markdown(report: dict[str, Any]) -> str:
                                  f"{pis[1]['estimate_ms']:.0f} |")
         lines += ["", "Assumptions:", ""] + [f"- {a}" for a in flops["assumptions"]]
         lines.append("")
+    return lines
+
+
+def _goal_lines(report: dict[str, Any]) -> list[str]:
+    """The goals table and any warnings."""
+    lines: list[str] = []
     lines += ["## Goals (this machine, bert-base-chinese architecture unless stated)", "",
               "| goal | model | measured | met |", "|---|---|---|---|"]
     for row in report["goals"]:
@@ -176,6 +211,15 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines.append("")
     if report.get("warnings"):
         lines += ["## Warnings", ""] + [f"- {w}" for w in report["warnings"]] + [""]
+    return lines
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The human-readable report (tables)."""
+    lines = _header_lines(report)
+    for model in report["models"].values():
+        lines += _timing_lines(model) + _memory_lines(model) + _agreement_lines(model) + [""]
+    lines += _load_lines(report) + _estimate_lines(report) + _goal_lines(report)
     return "\n".join(lines)
 
 
