@@ -161,6 +161,22 @@ def share_tied_embedding(int8_model, table_name: str, weight_name: str) -> bool:
     return True
 
 
+def share_tied_embedding_in_file(fp32_path: str | Path, quantized_path: str | Path, settings: dict) -> None:
+    """When the FP32 model ties its word embedding to the MLM decoder, make the quantized
+    model's embedding read the decoder's INT8 weight (one copy), and say so in ``settings``."""
+    import onnx
+
+    tied = find_tied_embedding(onnx.load(str(fp32_path)))
+    if not tied:
+        return
+    model = onnx.load(str(quantized_path))
+    if share_tied_embedding(model, *tied):
+        onnx.checker.check_model(model)
+        onnx.save(model, str(quantized_path))
+        settings["word_embedding"] = "QInt8 per row, shared with the tied MLM decoder weight"
+        log.info("word embedding now shares the decoder's INT8 weight (%s)", tied[1])
+
+
 def quantize_model(fp32_path: str | Path, int8_path: str | Path, per_channel: bool = True,
                    reduce_range: bool = False, op_types: tuple[str, ...] = OP_TYPES) -> dict[str, Any]:
     """Quantize ``fp32_path`` into ``int8_path``; return the settings used."""
@@ -190,14 +206,8 @@ def quantize_model(fp32_path: str | Path, int8_path: str | Path, per_channel: bo
         logging.disable(logging.NOTSET)
     settings = quantization_settings(per_channel, reduce_range, op_types)
     settings["onnxruntime"] = onnxruntime.__version__
-    tied = find_tied_embedding(onnx.load(str(fp32_path)))
-    if tied and "Gather" in op_types and per_channel:
-        model = onnx.load(str(int8_path))
-        if share_tied_embedding(model, *tied):
-            onnx.checker.check_model(model)
-            onnx.save(model, str(int8_path))
-            settings["word_embedding"] = "QInt8 per row, shared with the tied MLM decoder weight"
-            log.info("word embedding now shares the decoder's INT8 weight (%s)", tied[1])
+    if "Gather" in op_types and per_channel:
+        share_tied_embedding_in_file(fp32_path, int8_path, settings)
     log.info("quantized %s (%.1f MB) -> %s (%.1f MB)", fp32_path.name, fp32_path.stat().st_size / 1e6,
              int8_path.name, int8_path.stat().st_size / 1e6)
     return settings

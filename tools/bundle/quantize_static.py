@@ -78,7 +78,7 @@ def quantize_static_model(fp32_path: str | Path, out_path: str | Path, batches: 
     import onnxruntime
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from tools.bundle.quantize import find_tied_embedding, share_tied_embedding
+    from tools.bundle.quantize import share_tied_embedding_in_file
 
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     if not fp32_path.is_file():
@@ -124,14 +124,7 @@ def quantize_static_model(fp32_path: str | Path, out_path: str | Path, batches: 
         logging.disable(logging.NOTSET)
     settings = static_settings(method, len(batches), rows, source)
     settings["onnxruntime"] = onnxruntime.__version__
-    tied = find_tied_embedding(onnx.load(str(fp32_path)))
-    if tied:
-        model = onnx.load(str(out_path))
-        if share_tied_embedding(model, *tied):
-            onnx.checker.check_model(model)
-            onnx.save(model, str(out_path))
-            settings["word_embedding"] = "QInt8 per row, shared with the tied MLM decoder weight"
-            log.info("word embedding now shares the decoder's INT8 weight (%s)", tied[1])
+    share_tied_embedding_in_file(fp32_path, out_path, settings)
     log.info("static INT8 %s (%.1f MB) -> %s (%.1f MB)", fp32_path.name, fp32_path.stat().st_size / 1e6,
              out_path.name, out_path.stat().st_size / 1e6)
     return settings
