@@ -88,8 +88,8 @@ def test_chid_accuracy_in_the_manifest_is_reproduced(engine, shared_dir):
         result = ev.evaluate_chid(engine, items, workers=1, fusion=fusion)
         assert result["n_chid"] == accuracy[row]["n_chid"]
         # INT8 activation scales are per batch, so batched evaluation may flip a close call;
-        # and ONNX Runtime's INT8 kernels differ by CPU (an AVX2 EPYC without AVX-512 scored
-        # the model's PMI 18.8% where the AVX-512 VNNI machine that wrote the manifest had 20.8%:
+        # and ONNX Runtime's INT8 kernels differ by CPU (an AVX2 EPYC without AVX-512 or VNNI
+        # scored the model's PMI 18.8% where the machine that wrote the manifest had 20.8%:
         # 4 of 202 close calls, each a difference of two near-equal sums). So 3 questions
         # for the plain score, 5 for the PMI one, which subtracts two such sums.
         assert result["chid_acc"] == pytest.approx(accuracy[row]["chid_acc"], abs=0.015), row

@@ -290,10 +290,9 @@ def test_a_rows_logits_are_bit_identical_whatever_its_batch_mates(kind, request)
         got = session.run(None, {"input_ids": batch, "attention_mask": mask,
                                  "mask_positions": np.full((len(batch), 1), 5, dtype=np.int64)})[0][0]
         if kind == "int4":
-            # MatMulNBits' kernel sums in an order that depends on the row count on CPUs
-            # without AVX-512 (1.2e-7 measured on an AVX2 EPYC; exact on the AVX-512 VNNI
-            # machine where this test was written), so
-            # int4 is held to float rounding, not to bits.
+            # MatMulNBits' kernel sums in an order that depends on the row count on some
+            # CPUs (1.2e-7 measured on an AVX2 EPYC without AVX-512 or VNNI; exact on the
+            # machine where this test was written), so int4 is held to float rounding.
             assert np.abs(got - alone).max() <= 1e-5, (kind, mates, float(np.abs(got - alone).max()))
         else:
             assert np.array_equal(got, alone), (kind, mates, float(np.abs(got - alone).max()))
