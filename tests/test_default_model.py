@@ -78,12 +78,13 @@ def test_chid_accuracy_in_the_manifest_is_reproduced(engine, shared_dir):
     """The ChID figures shipped in the manifest — fused, and the model alone — are what
     the bundle scores now (all of dev_few_all.json, through the same evaluation code)."""
     from tools.evaluation import evaluate as ev
+    from tools.evaluation.items import read_chid
 
     chid_file = shared_dir / "data" / "fewclue" / "chid" / "dev_few_all.json"
     if not chid_file.is_file():
         pytest.skip(f"{chid_file} is not present")
     accuracy = load_bundle(None).manifest.evaluation["accuracy"]
-    items = ev.read_chid(chid_file)
+    items = read_chid(chid_file)
     for row, fusion in (("fused", True), ("int8", False)):
         result = ev.evaluate_chid(engine, items, workers=1, fusion=fusion)
         assert result["n_chid"] == accuracy[row]["n_chid"]

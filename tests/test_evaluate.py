@@ -10,6 +10,7 @@ import pytest
 
 from tools import ToolError
 from tools.evaluation import evaluate as ev
+from tools.evaluation import items as eval_items
 
 MASK_RE = re.compile(r"(?:\[MASK\])+")
 
@@ -71,40 +72,40 @@ PASSAGES = ["床前明月光，疑是地上霜。", "举头望明月，低头思
 
 
 def test_cloze_items_are_seeded_and_mask_one_cjk_character():
-    items = ev.make_cloze_items(PASSAGES, None, seed=5)
-    again = ev.make_cloze_items(PASSAGES, None, seed=5)
+    items = eval_items.make_cloze_items(PASSAGES, None, seed=5)
+    again = eval_items.make_cloze_items(PASSAGES, None, seed=5)
     assert items == again
     # Passages without CJK, or already holding a blank, are not used.
     assert sorted(i.passage for i in items) == [0, 1, 4]
     for item in items:
         assert item.text.count("[MASK]") == 1
-        assert ev.CJK_RE.fullmatch(item.answer)
+        assert eval_items.CJK_RE.fullmatch(item.answer)
         assert item.text.replace("[MASK]", item.answer) == PASSAGES[item.passage]
-    assert len(ev.make_cloze_items(PASSAGES, 2, seed=5)) == 2
+    assert len(eval_items.make_cloze_items(PASSAGES, 2, seed=5)) == 2
 
 
 def test_chid_text_uses_the_first_placeholder_and_drops_the_others():
-    assert ev.chid_text("他#idiom#地工作，又#idiom#。") == "他[MASK][MASK][MASK][MASK]地工作，又。"
+    assert eval_items.chid_text("他#idiom#地工作，又#idiom#。") == "他[MASK][MASK][MASK][MASK]地工作，又。"
     with pytest.raises(ValueError):
-        ev.chid_text("没有空")
+        eval_items.chid_text("没有空")
 
 
 def test_read_chid_validates_records(tmp_path):
     good = {"content": "他做事#idiom#。", "candidates": ["一丝不苟", "画蛇添足"], "answer": 0}
     path = tmp_path / "chid.json"
     path.write_text(json.dumps(good, ensure_ascii=False) + "\n\n", encoding="utf-8")
-    items = ev.read_chid(path)
+    items = eval_items.read_chid(path)
     assert items[0].text == "他做事[MASK][MASK][MASK][MASK]。" and items[0].answer == 0
     path.write_text(json.dumps(dict(good, answer=5), ensure_ascii=False) + "\n", encoding="utf-8")
     with pytest.raises(ToolError, match=r"chid.json:1: answer 5"):
-        ev.read_chid(path)
+        eval_items.read_chid(path)
     path.write_text("{not json\n", encoding="utf-8")
     with pytest.raises(ToolError, match=r"chid.json:1"):
-        ev.read_chid(path)
+        eval_items.read_chid(path)
 
 
 def test_cloze_top1_and_top5_count_ranks():
-    items = ev.make_cloze_items(PASSAGES, None, seed=0)
+    items = eval_items.make_cloze_items(PASSAGES, None, seed=0)
     first = ev.evaluate_cloze(OracleEngine(PASSAGES, rank=0), items, workers=1)
     assert first["cloze_top1"] == 1.0 and first["cloze_top5"] == 1.0 and first["n_cloze"] == 3
     third = ev.evaluate_cloze(OracleEngine(PASSAGES, rank=2), items, workers=3)
@@ -115,14 +116,14 @@ def test_cloze_top1_and_top5_count_ranks():
 
 def test_rejected_queries_are_skipped_not_scored():
     passages = ["床前明月光。", "坏坏坏坏。"]
-    items = ev.make_cloze_items(passages, None, seed=0)
+    items = eval_items.make_cloze_items(passages, None, seed=0)
     result = ev.evaluate_cloze(OracleEngine(passages), items, workers=1)
     assert result["n_cloze"] == 1 and result["cloze_skipped"] == 1 and result["cloze_top1"] == 1.0
     assert "text_too_long" in result["cloze_skip_reasons"][0]
 
 
 def test_chid_picks_the_highest_joint_score():
-    items = [ev.ChidItem(text=f"第{i}[MASK][MASK][MASK][MASK]", candidates=("甲甲甲甲", "乙乙乙乙", "丙丙丙丙"),
+    items = [eval_items.ChidItem(text=f"第{i}[MASK][MASK][MASK][MASK]", candidates=("甲甲甲甲", "乙乙乙乙", "丙丙丙丙"),
                          answer=i % 3, line=i) for i in range(6)]
     oracle = OracleEngine(truth={it.text: it.candidates[it.answer] for it in items})
     assert ev.evaluate_chid(oracle, items, workers=2)["chid_acc"] == 1.0
@@ -150,7 +151,7 @@ class FrequencyEngine:
 def test_chid_pmi_removes_the_frequency_prior():
     # The answer is always the context's choice, but the common candidate 甲甲甲甲 has the
     # highest plain joint score unless the context bonus outweighs the prior gap.
-    items = [ev.ChidItem(text=f"第{i}[MASK][MASK][MASK][MASK]", candidates=("甲甲甲甲", "乙乙乙乙", "丙丙丙丙"),
+    items = [eval_items.ChidItem(text=f"第{i}[MASK][MASK][MASK][MASK]", candidates=("甲甲甲甲", "乙乙乙乙", "丙丙丙丙"),
                          answer=i % 3, line=i) for i in range(6)]
     engine = FrequencyEngine({it.text: it.candidates[it.answer] for it in items})
     result = ev.evaluate_chid(engine, items, workers=2)
@@ -227,8 +228,8 @@ def test_real_engine_on_the_tiny_bundle(tiny_bundle_dir, tmp_path):
 
     engine = Engine.from_bundle(tiny_bundle_dir, threads=1)
     try:
-        cloze = ev.make_cloze_items(["床前明月光，疑是地上霜。", "举头望明月，低头思故乡。"], None, seed=0)
-        chid = [ev.ChidItem(text="他做事[MASK][MASK][MASK][MASK]。", candidates=("一丝不苟", "画蛇添足"),
+        cloze = eval_items.make_cloze_items(["床前明月光，疑是地上霜。", "举头望明月，低头思故乡。"], None, seed=0)
+        chid = [eval_items.ChidItem(text="他做事[MASK][MASK][MASK][MASK]。", candidates=("一丝不苟", "画蛇添足"),
                             answer=0, line=1)]
         result = ev.evaluate_engine(engine, cloze, chid, workers=2)
     finally:

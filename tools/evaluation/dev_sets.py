@@ -35,7 +35,7 @@ class BlankItem:
 
 def fit_passages(passages: Sequence[str], eval_items: int = EVAL_CLOZE_ITEMS) -> list[str]:
     """The held-apart passages that ``tools evaluate`` does not measure."""
-    from tools.evaluation.evaluate import make_cloze_items
+    from tools.evaluation.items import make_cloze_items
 
     used = {item.passage for item in make_cloze_items(passages, eval_items, seed=0)}
     return [p for i, p in enumerate(passages) if i not in used]
@@ -43,7 +43,7 @@ def fit_passages(passages: Sequence[str], eval_items: int = EVAL_CLOZE_ITEMS) ->
 
 def char_items(passages: Sequence[str], count: int, seed: int = 1) -> list[BlankItem]:
     """One random Han character of a passage masked (as ``tools evaluate`` does)."""
-    from tools.evaluation.evaluate import make_cloze_items
+    from tools.evaluation.items import make_cloze_items
 
     return [BlankItem(i.text, i.answer, None, "cloze-char") for i in make_cloze_items(passages, count, seed)]
 

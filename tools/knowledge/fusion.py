@@ -163,7 +163,7 @@ def development_queries(data: Path, chid: Path | None, n_char: int, n_word: int,
         "auto": dev_sets.word_items(passages, n_auto, seed=3, lengths=(1, 2, 3, 4), auto=True),
     }
     if chid is not None and Path(chid).is_file():
-        from tools.evaluation.evaluate import read_chid
+        from tools.evaluation.items import read_chid
 
         sets["given"] = [ChoiceQuery(q.text, q.candidates, q.answer) for q in read_chid(chid)]
     else:
