@@ -56,7 +56,6 @@ done
 
 VARIANT=""
 [ "$KIOSK" = yes ] && VARIANT=-kiosk
-CACHE=/var/tmp/fillmask-image-rootfs-$SUITE$VARIANT
 WORK=/var/tmp/fillmask-image-work$VARIANT
 
 START=$(date +%s)
@@ -66,9 +65,6 @@ lap() { local now; now=$(date +%s); echo "    ($(( now - LAST ))s)"; LAST=$now; 
 NICE=(nice -n 19)
 
 packages() { sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$@" | tr -s ' \t' '\n' | sed '/^$/d'; }
-LISTS=("$HERE/packages.txt")
-[ "$KIOSK" = yes ] && LISTS+=("$HERE/packages-kiosk.txt")
-PACKAGES=$(packages "${LISTS[@]}" | tr '\n' ' ')
 
 # -- 1. host tools ---------------------------------------------------------------------
 step "host tools"
@@ -128,57 +124,112 @@ in_root() {  # in_root ROOT CMD...
 }
 
 # -- 2. the cached root ------------------------------------------------------------------
-# The key: the package lists, the suite, and this stage's own code (between the markers).
+# Two caches: the base root (debootstrap + packages.txt) and, for --kiosk, a copy of it
+# with packages-kiosk.txt added (so the kiosk image does not debootstrap again). The
+# key of each: the suite, its package list(s) and this stage's own code (between the
+# markers).
 STAGE_CODE=$(sed -n '/^# >>> rootfs stage/,/^# <<< rootfs stage/p' "$0")
-KEY=$(printf '%s\n%s\n%s\n' "$SUITE" "$PACKAGES" "$STAGE_CODE" | sha256sum | cut -d' ' -f1)
+BASE_CACHE=/var/tmp/fillmask-image-rootfs-$SUITE
+BASE_PACKAGES=$(packages "$HERE/packages.txt" | tr '\n' ' ')
+KIOSK_PACKAGES=$(packages "$HERE/packages-kiosk.txt" | tr '\n' ' ')
+key_of() { printf '%s\n%s\n%s\n' "$SUITE" "$1" "$STAGE_CODE" | sha256sum | cut -d' ' -f1; }
 # >>> rootfs stage
-if [ "$(cat "$CACHE/.fillmask-image-rootfs-done" 2>/dev/null)" != "$KEY" ]; then
-    step "debootstrap $SUITE arm64 minbase into $CACHE (cached afterwards)"
-    for m in $(grep -o " $CACHE/[^ ]*" /proc/mounts | sort -r); do umount -l "$m" || true; done
-    rm -rf "$CACHE"
-    mkdir -p "$CACHE"
+cache_ok() { [ "$(cat "$1/.fillmask-image-rootfs-done" 2>/dev/null)" = "$2" ]; }
+fresh_dir() {  # unmount anything left under $1 (an interrupted run), then empty it
+    local m
+    for m in $(grep -o " $1/[^ ]*" /proc/mounts | sort -r); do umount -l "$m" || true; done
+    rm -rf "$1"
+}
+apt_install() {  # apt_install ROOT PACKAGES...: from Debian's archive, no recommends
+    local root=$1; shift
+    mount_api "$root"
+    in_root "$root" apt-get update -q >> "$root.apt.log" 2>&1 \
+        || { tail -20 "$root.apt.log"; die "apt-get update failed inside $root (log: $root.apt.log)"; }
+    in_root "$root" apt-get install -y -q --no-install-recommends \
+        -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "$@" >> "$root.apt.log" 2>&1 \
+        || { tail -30 "$root.apt.log"; die "apt-get install failed inside $root (log: $root.apt.log)"; }
+    in_root "$root" apt-get clean
+    rm -rf "$root"/var/lib/apt/lists/*_Packages "$root"/var/lib/apt/lists/*_Translation-*
+    cleanup
+}
+BASE_KEY=$(key_of "$BASE_PACKAGES")
+if ! cache_ok "$BASE_CACHE" "$BASE_KEY"; then
+    step "debootstrap $SUITE arm64 minbase into $BASE_CACHE (cached afterwards)"
+    fresh_dir "$BASE_CACHE"
+    mkdir -p "$BASE_CACHE"
+    : > "$BASE_CACHE.apt.log"
     "${NICE[@]}" debootstrap --arch=arm64 --variant=minbase --components=main,non-free-firmware \
-        "$SUITE" "$CACHE" "$MIRROR" > "$CACHE.debootstrap.log" 2>&1 \
-        || { tail -20 "$CACHE.debootstrap.log"; die "debootstrap failed (log: $CACHE.debootstrap.log)"; }
+        "$SUITE" "$BASE_CACHE" "$MIRROR" > "$BASE_CACHE.debootstrap.log" 2>&1 \
+        || { tail -20 "$BASE_CACHE.debootstrap.log"; die "debootstrap failed (log: $BASE_CACHE.debootstrap.log)"; }
     lap
-    step "apt-get install the image's packages ($(echo "$PACKAGES" | wc -w) named, from ${LISTS[*]##*/})"
-    cat > "$CACHE/etc/apt/sources.list" <<EOF
+    step "apt-get install the image's packages ($(echo "$BASE_PACKAGES" | wc -w) named, from packages.txt)"
+    cat > "$BASE_CACHE/etc/apt/sources.list" <<EOF
 deb $MIRROR $SUITE main non-free-firmware
 deb $MIRROR $SUITE-updates main non-free-firmware
 deb $SECURITY_MIRROR $SUITE-security main non-free-firmware
 EOF
-    # No daemons start inside the chroot.
-    printf '#!/bin/sh\nexit 101\n' > "$CACHE/usr/sbin/policy-rc.d"
-    chmod 0755 "$CACHE/usr/sbin/policy-rc.d"
+    # No daemons start inside the chroot; dpkg skips fsync while building (removed
+    # below: a board's own apt upgrades stay safe against power loss).
+    printf '#!/bin/sh\nexit 101\n' > "$BASE_CACHE/usr/sbin/policy-rc.d"
+    chmod 0755 "$BASE_CACHE/usr/sbin/policy-rc.d"
+    echo force-unsafe-io > "$BASE_CACHE/etc/dpkg/dpkg.cfg.d/00-fillmask-image-build"
+    # No manuals, documentation or translations on the card (smaller, faster to
+    # build): the copyright files stay. Kept on the board for its own apt upgrades.
+    cat > "$BASE_CACHE/etc/dpkg/dpkg.cfg.d/01-fillmask-image-nodoc" <<'EOF'
+# fillmask-edge image: no manuals, documentation or translations (copyrights kept).
+path-exclude=/usr/share/man/*
+path-exclude=/usr/share/info/*
+path-exclude=/usr/share/doc/*
+path-include=/usr/share/doc/*/copyright
+path-exclude=/usr/share/locale/*
+path-include=/usr/share/locale/locale.alias
+EOF
+    find "$BASE_CACHE/usr/share/doc" -type f ! -name copyright -delete 2>/dev/null || true
+    rm -rf "$BASE_CACHE"/usr/share/man/* "$BASE_CACHE"/usr/share/info/* "$BASE_CACHE"/usr/share/locale/*/
     # The Pi's root and consoles for raspi-firmware's cmdline.txt (written by its
     # kernel hook): the GPIO header UART is ttyS1 (mini UART) on the Pi 3/4/Zero 2 W
     # under Debian's kernel, ttyAMA0 being the Bluetooth UART.
-    mkdir -p "$CACHE/etc/default"
-    cat > "$CACHE/etc/default/raspi-firmware" <<'EOF'
+    mkdir -p "$BASE_CACHE/etc/default"
+    cat > "$BASE_CACHE/etc/default/raspi-firmware" <<'EOF'
 # Read by raspi-firmware's kernel hook, which writes /boot/firmware/cmdline.txt.
 ROOTPART=LABEL=RASPIROOT
 CONSOLES="ttyS1,115200 tty0"
 KERNEL_ARCH="arm64"
 EOF
-    # Storage drivers in the initramfs for qemu's virt machine as well (make image-check).
-    mkdir -p "$CACHE/etc/initramfs-tools"
-    printf '%s\n' '# virtio: the same image boots under qemu (make image-check)' virtio_mmio virtio_blk virtio_pci \
-        >> "$CACHE/etc/initramfs-tools/modules"
-    mount_api "$CACHE"
-    in_root "$CACHE" apt-get update -q > "$CACHE.apt.log" 2>&1 \
-        || { tail -20 "$CACHE.apt.log"; die "apt-get update failed inside $CACHE (log: $CACHE.apt.log)"; }
+    # virtio drivers in the initramfs, so that the same image boots under qemu's virt
+    # machine (make image-check): disk, and the console that check logs.
+    mkdir -p "$BASE_CACHE/etc/initramfs-tools"
+    printf '%s\n' '# virtio: the same image boots under qemu (make image-check)' \
+        virtio_mmio virtio_blk virtio_pci virtio_console >> "$BASE_CACHE/etc/initramfs-tools/modules"
     # shellcheck disable=SC2086
-    in_root "$CACHE" apt-get install -y -q --no-install-recommends \
-        -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold $PACKAGES >> "$CACHE.apt.log" 2>&1 \
-        || { tail -30 "$CACHE.apt.log"; die "apt-get install failed inside $CACHE (log: $CACHE.apt.log)"; }
-    in_root "$CACHE" apt-get clean
-    rm -rf "$CACHE"/var/lib/apt/lists/*_Packages "$CACHE"/var/lib/apt/lists/*_Translation-*
-    cleanup
-    echo "$KEY" > "$CACHE/.fillmask-image-rootfs-done"
-    echo "    $(du -sh --exclude=proc "$CACHE" | cut -f1) in $CACHE"
+    apt_install "$BASE_CACHE" $BASE_PACKAGES
+    rm -f "$BASE_CACHE/etc/dpkg/dpkg.cfg.d/00-fillmask-image-build"
+    echo "$BASE_KEY" > "$BASE_CACHE/.fillmask-image-rootfs-done"
+    echo "    $(du -sh "$BASE_CACHE" | cut -f1) in $BASE_CACHE"
     lap
 else
-    step "reusing the cached root $CACHE (package lists unchanged)"
+    step "reusing the cached root $BASE_CACHE (packages.txt unchanged)"
+fi
+CACHE=$BASE_CACHE
+if [ "$KIOSK" = yes ]; then
+    CACHE=$BASE_CACHE-kiosk
+    KIOSK_KEY=$(key_of "$BASE_PACKAGES | $KIOSK_PACKAGES")
+    if ! cache_ok "$CACHE" "$KIOSK_KEY"; then
+        step "the kiosk root: $BASE_CACHE + $(echo "$KIOSK_PACKAGES" | wc -w) packages from packages-kiosk.txt into $CACHE (cached afterwards)"
+        fresh_dir "$CACHE"
+        cp -a "$BASE_CACHE" "$CACHE"
+        rm -f "$CACHE/.fillmask-image-rootfs-done"
+        : > "$CACHE.apt.log"
+        echo force-unsafe-io > "$CACHE/etc/dpkg/dpkg.cfg.d/00-fillmask-image-build"
+        # shellcheck disable=SC2086
+        apt_install "$CACHE" $KIOSK_PACKAGES
+        rm -f "$CACHE/etc/dpkg/dpkg.cfg.d/00-fillmask-image-build"
+        echo "$KIOSK_KEY" > "$CACHE/.fillmask-image-rootfs-done"
+        echo "    $(du -sh "$CACHE" | cut -f1) in $CACHE"
+        lap
+    else
+        step "reusing the cached kiosk root $CACHE (package lists unchanged)"
+    fi
 fi
 # <<< rootfs stage
 echo "    $(chroot "$CACHE" sh -c '. /etc/os-release; echo $PRETTY_NAME'), kernel $(ls "$CACHE"/boot/vmlinuz-* | sed 's|.*/vmlinuz-||')"
