@@ -8,8 +8,10 @@
 # machine, cortex-a72 (the Pi 4's core), TCG only (no KVM). The card is a copy of
 # the image made 1 GiB larger (a bigger card: the first boot must grow the root).
 # Before booting, fillmask.txt on the copy's FAT partition gets: hostname, lan = on,
-# an API token, serial = usb hvc0 (a virtio console whose other end is a pty on this
-# machine) and an SSH key made for this run. Every port is forwarded to 127.0.0.1
+# an API token, serial = usb ttyAMA0 (the virt machine's PL011 UART, the Pi's UART
+# driver, group dialout as on a board; its other end is a pty on this machine; the
+# kernel console moves to a virtio console, hvc0, logged to a file) and an SSH key
+# made for this run. Every port is forwarded to 127.0.0.1
 # only. Checks (each timed, each can fail):
 #   boot-to-first-answer; HTTP unit active; /healthz; /api/predict refused without
 #   the token and equal to x86's answer (.venv python -m edge predict --json here)
@@ -101,6 +103,7 @@ trap cleanup EXIT
 # -- the card: a copy of the image, larger, with test settings ------------------------------------
 step "the card: $(basename "$IMAGE") unpacked, 1 GiB larger"
 mkdir -p "$WORK"
+rm -f "$WORK/known_hosts"  # a new image has new host keys
 CARD=$WORK/card.img
 rm -f "$CARD"
 nice -n 19 xz -dc "$IMAGE" | dd of="$CARD" bs=4M conv=sparse status=none
@@ -128,10 +131,10 @@ mcopy -n -i "$FAT" "::/$INITRD" "$WORK/initrd.img" || die "no $INITRD beside $KE
 mcopy -n -i "$FAT" ::/fillmask.txt "$WORK/fillmask.txt.orig"
 mcopy -n -i "$FAT" ::/cmdline.txt "$WORK/cmdline.txt"
 sed -e 's/^hostname = .*/hostname = imagecheck/' -e 's/^lan = .*/lan = on/' \
-    -e "s/^api_token =.*/api_token = $TOKEN/" -e 's/^serial = .*/serial = usb hvc0/' \
+    -e "s/^api_token =.*/api_token = $TOKEN/" -e 's/^serial = .*/serial = usb ttyAMA0/' \
     -e "s|^ssh_key =.*|ssh_key = $(cat "$WORK/id_ed25519.pub")|" "$WORK/fillmask.txt.orig" > "$WORK/fillmask.txt"
 mcopy -o -i "$FAT" "$WORK/fillmask.txt" ::/fillmask.txt
-diff "$WORK/fillmask.txt.orig" "$WORK/fillmask.txt" | sed -n 's/^> /    fillmask.txt: /p' | sed "s/$TOKEN/<token>/"
+{ diff "$WORK/fillmask.txt.orig" "$WORK/fillmask.txt" || true; } | sed -n 's/^> /    fillmask.txt: /p' | sed "s/$TOKEN/<token>/"
 echo "    $KERNEL; cmdline.txt on the card (for the Pi): $(cat "$WORK/cmdline.txt")"
 lap
 
@@ -139,7 +142,7 @@ lap
 step "x86 reference: $HOST_PYTHON -m edge predict --json '$QUERY'"
 (cd "$REPO" && nice -n 19 "$HOST_PYTHON" -m edge predict --json --threads 1 "$QUERY") > "$WORK/x86.json" \
     || die "the x86 prediction failed"
-"$HOST_PYTHON" -c 'import json,sys; b=json.load(open(sys.argv[1]))["blanks"][0]["candidates"]; print("    " + ", ".join(f"{c[\"text\"]} {c[\"score\"]:.4f}" for c in b))' "$WORK/x86.json"
+"$HOST_PYTHON" -c 'import json,sys; b=json.load(open(sys.argv[1]))["blanks"][0]["candidates"]; print("    " + ", ".join("%s %.4f" % (c["text"], c["score"]) for c in b))' "$WORK/x86.json"
 TOP=$("$HOST_PYTHON" -c 'import json,sys; print(json.load(open(sys.argv[1]))["blanks"][0]["candidates"][0]["text"])' "$WORK/x86.json")
 lap
 
@@ -147,17 +150,19 @@ lap
 free_port() { "$HOST_PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 HTTP_PORT=$(free_port); SSH_PORT=$(free_port)
 while [ "$SSH_PORT" = "$HTTP_PORT" ]; do SSH_PORT=$(free_port); done
-APPEND="root=LABEL=RASPIROOT rw rootwait fsck.repair=yes net.ifnames=0 console=ttyAMA0,115200"
+# The kernel console on hvc0 (virtio, to a file): ttyAMA0 belongs to the serial unit.
+APPEND="root=LABEL=RASPIROOT rw rootwait fsck.repair=yes net.ifnames=0 console=hvc0"
 step "booting: qemu-system-aarch64 -M virt -cpu cortex-a72 -smp $SMP -m 2048 (TCG), http 127.0.0.1:$HTTP_PORT, ssh 127.0.0.1:$SSH_PORT"
 : > "$WORK/console.log"
 BOOT_T0=$(date +%s.%N)
-nice -n 10 qemu-system-aarch64 -M virt -cpu cortex-a72 -smp "$SMP" -m 2048 -accel tcg,thread=multi \
+# Bounded even if this script is killed: qemu lives at most 3 boot timeouts.
+nice -n 10 timeout $(( BOOT_TIMEOUT * 3 )) qemu-system-aarch64 -M virt -cpu cortex-a72 -smp "$SMP" -m 2048 -accel tcg,thread=multi \
     -kernel "$WORK/vmlinuz" -initrd "$WORK/initrd.img" -append "$APPEND" \
     -drive if=none,file="$CARD",format=raw,id=card -device virtio-blk-device,drive=card \
     -netdev user,id=net0,hostfwd=tcp:127.0.0.1:$HTTP_PORT-:8000,hostfwd=tcp:127.0.0.1:$SSH_PORT-:22 \
     -device virtio-net-device,netdev=net0 -device virtio-rng-device \
-    -device virtio-serial-device -chardev pty,id=term -device virtconsole,chardev=term \
-    -serial file:"$WORK/console.log" -display none -monitor none \
+    -device virtio-serial-device -chardev file,id=con,path="$WORK/console.log" -device virtconsole,chardev=con \
+    -chardev pty,id=term -serial chardev:term -display none -monitor none \
     > "$WORK/qemu.log" 2>&1 &
 QEMU_PID=$!
 PTY=""
@@ -167,11 +172,10 @@ for _ in $(seq 30); do
     kill -0 "$QEMU_PID" 2>/dev/null || { cat "$WORK/qemu.log"; die "qemu exited at once (see above)"; }
     sleep 1
 done
-[ -n "$PTY" ] || die "qemu did not say which pty the virtio console is on ($WORK/qemu.log)"
-echo "    virtio console hvc0 <-> $PTY on this machine; guest console log: $WORK/console.log"
-# Keep the pty's host end open (and drained) until the check types into it: a closed
-# host end would make the guest's writes to hvc0 fail.
-"$HOST_PYTHON" - "$PTY" "$WORK/hvc0-boot.log" <<'EOF' &
+[ -n "$PTY" ] || die "qemu did not say which pty the UART is on ($WORK/qemu.log)"
+echo "    UART ttyAMA0 (PL011) <-> $PTY on this machine; guest console (hvc0) log: $WORK/console.log"
+# Keep the pty's host end open (and drained) until the check types into it.
+"$HOST_PYTHON" - "$PTY" "$WORK/ttyAMA0-boot.log" <<'EOF' &
 import os, sys, termios, tty, time
 fd = os.open(sys.argv[1], os.O_RDWR | os.O_NOCTTY)
 tty.setraw(fd)
@@ -249,11 +253,16 @@ b = json.load(open(sys.argv[2]))["blanks"]
 tol = float(sys.argv[3])
 ca, cb = a[0]["candidates"], b[0]["candidates"]
 ta, tb = [c["text"] for c in ca], [c["text"] for c in cb]
-diff = max(abs(x["score"] - y["score"]) for x, y in zip(ca, cb))
+sa, sb = {c["text"]: c["score"] for c in ca}, {c["text"]: c["score"] for c in cb}
+# The same candidates with the same scores (within tol): a candidate in one top-5 only
+# must score below tol (a near-tie at the cut-off); swaps between near-equal
+# scores are within tol (INT8 kernels differ by CPU, as in make arm-check).
+diff = max(abs(sa.get(t, 0.0) - sb.get(t, 0.0)) for t in set(ta) | set(tb))
 shown = ", ".join("%s %.4f" % (c["text"], c["score"]) for c in cb)
-same = "identical" if ta == tb else "DIFFERENT from x86 " + ", ".join(ta)
-print(f"board: {shown}; top-5 {same}, max |score diff| {diff:.2e}")
-sys.exit(0 if ta == tb and diff <= tol else 1)
+same = "identical" if ta == tb else "x86 " + ", ".join(ta)
+ok = ta[0] == tb[0] and diff <= tol
+print(f"board: {shown}; top-5 {same}, top-1 {'same' if ta[0] == tb[0] else 'DIFFERENT'}, max |score diff| {diff:.2e}")
+sys.exit(0 if ok else 1)
 EOF
 ); verdict "prediction equal to x86 (tolerance $TOLERANCE)" "HTTP $CODE; $COMPARE"
 
@@ -272,13 +281,13 @@ EXPOSURE=$(guest "systemd-analyze security --no-pager fillmask-edge.service" 2>/
 [ -n "$EXPOSURE" ] && awk -v e="$EXPOSURE" 'BEGIN { exit !(e <= 2.5) }'
 verdict "systemd-analyze security <= 2.5 (live)" "systemd-analyze security fillmask-edge.service -> ${EXPOSURE:-nothing}"
 
-# Serial: the unit on hvc0, a query typed into this machine's end of the pty.
-SERIAL_ACTIVE=$(guest "systemctl is-active fillmask-edge-serial@hvc0.service" || true)
-SERIAL_WHO=$(guest 'p=$(systemctl show -p MainPID --value fillmask-edge-serial@hvc0.service); grep -E "^(Uid|Groups):" /proc/$p/status | tr -s "\t\n" "  "' || true)
+# Serial: the unit on ttyAMA0, a query typed into this machine's end of the pty.
+SERIAL_ACTIVE=$(guest "systemctl is-active fillmask-edge-serial@ttyAMA0.service" || true)
+SERIAL_WHO=$(guest 'p=$(systemctl show -p MainPID --value fillmask-edge-serial@ttyAMA0.service); grep -E "^(Uid|Groups):" /proc/$p/status | tr -s "\t\n" "  "' || true)
 [ "$SERIAL_ACTIVE" = active ]
-verdict "serial unit active on hvc0 (serial = usb hvc0 in fillmask.txt)" "$SERIAL_ACTIVE; $SERIAL_WHO (dialout is 20)"
+verdict "serial unit active on ttyAMA0 (serial = usb ttyAMA0 in fillmask.txt)" "$SERIAL_ACTIVE; $SERIAL_WHO (dialout is 20)"
 kill "$PTY_PID" 2>/dev/null || true; wait "$PTY_PID" 2>/dev/null || true; PTY_PID=""
-SERIAL_OUT=$("$HOST_PYTHON" - "$PTY" "$QUERY" "$TOP" "$WORK/hvc0.log" <<'EOF'
+SERIAL_OUT=$("$HOST_PYTHON" - "$PTY" "$QUERY" "$TOP" "$WORK/ttyAMA0.log" <<'EOF'
 import os, re, select, sys, time, tty
 fd = os.open(sys.argv[1], os.O_RDWR | os.O_NOCTTY)
 tty.setraw(fd)
@@ -294,7 +303,8 @@ while time.time() - t0 < 120:
         buf += os.read(fd, 4096)
         text = buf.decode("utf-8", "replace")
         after = text.split(query, 1)[-1] if query in text else ""
-        if re.search(re.escape(top) + r"\s+\d+(\.\d+)?\s*%", after):
+        # "  1. 上  [###################.]  97.6%" (edge/serial_render.py)
+        if re.search(r"1\.\s*" + re.escape(top) + r"\s+\[[#.]*\]\s*\d+(\.\d+)?%", after):
             open(sys.argv[4], "wb").write(buf)
             shown = re.sub(r"\s+", " ", after)[:120]
             print(f"answered in {time.time() - t0:.1f} s: {shown!r}")
@@ -336,7 +346,8 @@ guest "sed -i -e 's/^lan = .*/lan = perhaps/' -e 's/^hostname = .*/hostname = im
 BOOT_ID=$(guest "cat /proc/sys/kernel/random/boot_id" || true)
 guest "systemctl reboot" || true
 REBOOT_T0=$(date +%s.%N)
-sleep 15
+# Until the old system stops answering (the service stops early in the shutdown).
+for _ in $(seq 100); do [ "$(predict "$TOKEN")" = 200 ] || break; sleep 3; done
 if wait_answer "$REBOOT_T0" "$BOOT_TIMEOUT"; then
     REBOOT_ANSWER=$ANSWER_S
     pass "reboot comes back serving" "$(printf '%.0f' "$REBOOT_ANSWER") s from 'systemctl reboot' to the first answer"

@@ -64,8 +64,12 @@ step "checking the archive (SHA256SUMS)"
 
 SYSTEMD=no
 [ -d /run/systemd/system ] && SYSTEMD=yes
+WAS_RUNNING=""
 if [ "$SYSTEMD" = yes ]; then
-    # An upgrade: stop the old version before its venv is replaced.
+    # An upgrade: stop the old version before its venv is replaced; the serial and
+    # kiosk units that ran (e.g. set up by the SD image's fillmask.txt) start again below.
+    WAS_RUNNING=$(systemctl list-units --plain --no-legend --state=active \
+        'fillmask-edge-serial@*.service' fillmask-edge-kiosk.service 2>/dev/null | awk '{print $1}' | tr '\n' ' ')
     systemctl stop fillmask-edge.service 'fillmask-edge-serial@*.service' fillmask-edge-kiosk.service 2>/dev/null || true
 fi
 
@@ -155,10 +159,14 @@ systemctl daemon-reload
 step "enabling $UNITS"
 systemctl enable $UNITS
 if [ "$START" = no ]; then
-    echo "installed; start with: systemctl start $UNITS"
+    echo "installed; start with: systemctl start $UNITS $WAS_RUNNING"
     exit 0
 fi
 systemctl restart $UNITS
+if [ -n "$WAS_RUNNING" ]; then
+    step "starting again what ran before: $WAS_RUNNING"
+    systemctl start $WAS_RUNNING || echo "    warning: could not start all of $WAS_RUNNING"
+fi
 
 step "waiting for http://127.0.0.1:$PORT/healthz"
 if "$PREFIX/venv/bin/python" - "$PORT" <<'EOF'

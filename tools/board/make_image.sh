@@ -6,7 +6,9 @@
 #                                  [--kiosk] [--out dist] [--rootfs-only] [--no-xz]
 #
 # Boards: those that Debian's own kernel (linux-image-arm64) and raspi-firmware boot:
-# Raspberry Pi 3 B/B+, 4 B, 400, CM4 and Zero 2 W (64-bit). Not the Pi 5 (no Pi 5
+# Raspberry Pi 3 A+/B/B+, CM3, 4 B, 400, CM4 and Zero 2 W (64-bit; their device trees
+# are on the boot partition; no Wi-Fi firmware for the Zero 2 W's brcmfmac43436 in
+# bookworm's firmware-brcm80211). Not the Pi 5 (no Pi 5
 # boot firmware or device tree in bookworm's raspi-firmware/kernel 6.1: use the
 # installer archive on Raspberry Pi OS there), nor the 32-bit-only Pi 1/2/Zero.
 #
@@ -48,7 +50,7 @@ while [ $# -gt 0 ]; do
         --out) [ $# -ge 2 ] || die "--out needs a folder"; OUTDIR=$2; shift 2 ;;
         --rootfs-only) ROOTFS_ONLY=yes; shift ;;
         --no-xz) XZ=no; shift ;;
-        -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
 done
@@ -435,6 +437,6 @@ lap
 step "done in $(( $(date +%s) - START ))s"
 RAW=$(( (4 + BOOT_MB + ROOT_MB) ))
 echo "    $OUT_IMG: $(du -m "$OUT_IMG" | cut -f1) MiB compressed, $RAW MiB on the card before first boot grows the root"
-echo "    boards: Raspberry Pi 3 B/B+, 4 B, 400, CM4, Zero 2 W (Debian's kernel $KERNEL + raspi-firmware); not the Pi 5"
+echo "    boards: Raspberry Pi 3 A+/B/B+, CM3, 4 B, 400, CM4, Zero 2 W (device trees above; Debian's kernel $KERNEL + raspi-firmware); not the Pi 5"
 echo "    flash: xzcat $OUT_IMG | sudo dd of=/dev/sdX bs=4M conv=fsync status=progress"
 echo "    or:    sudo bmaptool copy $OUT_IMG /dev/sdX"
