@@ -145,6 +145,15 @@ fresh_dir() {  # unmount anything left under $1 (an interrupted run), then empty
 apt_install() {  # apt_install ROOT PACKAGES...: from Debian's archive, no recommends
     local root=$1; shift
     mount_api "$root"
+    # The host's DNS while apt runs: systemd-resolved made resolv.conf a link to
+    # /run/systemd/resolve/stub-resolv.conf, which a chroot lacks (the kiosk root is
+    # a copy of the base root); the link is put back afterwards.
+    local resolv=""
+    if [ -L "$root/etc/resolv.conf" ] || [ ! -e "$root/etc/resolv.conf" ]; then
+        resolv=$(readlink "$root/etc/resolv.conf" || true)
+        rm -f "$root/etc/resolv.conf"
+        cp -L /etc/resolv.conf "$root/etc/resolv.conf"
+    fi
     in_root "$root" apt-get update -q >> "$root.apt.log" 2>&1 \
         || { tail -20 "$root.apt.log"; die "apt-get update failed inside $root (log: $root.apt.log)"; }
     in_root "$root" apt-get install -y -q --no-install-recommends \
@@ -152,6 +161,7 @@ apt_install() {  # apt_install ROOT PACKAGES...: from Debian's archive, no recom
         || { tail -30 "$root.apt.log"; die "apt-get install failed inside $root (log: $root.apt.log)"; }
     in_root "$root" apt-get clean
     rm -rf "$root"/var/lib/apt/lists/*_Packages "$root"/var/lib/apt/lists/*_Translation-*
+    [ -n "$resolv" ] && ln -sf "$resolv" "$root/etc/resolv.conf"
     cleanup
 }
 BASE_KEY=$(key_of "$BASE_PACKAGES")
