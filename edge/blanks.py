@@ -40,3 +40,10 @@ def find_blanks(text: str) -> tuple[list[str], list[Blank]]:
         cursor = match.end()
     segments.append(text[cursor:])
     return segments, blanks
+
+
+def window_start(first: int, span: int, length: int, size: int) -> int:
+    """Where a window of ``size`` tokens starts in a sequence of ``length`` tokens so
+    that the ``span`` tokens from ``first`` on sit in its middle (as far as the ends
+    allow): how the engine cuts a text longer than the model's positions."""
+    return max(0, min(first - (size - span) // 2, length - size))

@@ -46,7 +46,7 @@ from tokenizers import Tokenizer
 from edge import __version__
 from edge.affinity import ort_thread_affinities, thread_count, usable_cores
 from edge.batcher import DEFAULT_BUCKETS, MicroBatcher, Row
-from edge.blanks import find_blanks
+from edge.blanks import find_blanks, window_start
 from edge.bundle import Bundle, BundleError, load_bundle
 from edge.cache import LRUCache
 from edge.fusion import LN10, MODEL_FLOOR, Candidate, Fusion
@@ -388,7 +388,7 @@ class Engine:
                 f"the blanks are {span} tokens apart; the model sees at most {avail}: split the text",
             )
         content = ids[1:-1]
-        start = max(0, min(lo - (avail - span) // 2, len(content) - avail))
+        start = window_start(lo, span, len(content), avail)
         ids = [self.cls_id] + content[start : start + avail] + [self.sep_id]
         positions = [[p - start for p in blank] for blank in positions]
         return ids, positions, True

@@ -79,8 +79,9 @@ def goals(results: dict[str, Any], load: dict[str, Any] | None) -> list[dict[str
 
         ours, pipe, ort_ = med("ours"), med("pipeline"), med("ort-fp32")
         if ours and pipe:
-            rows.append({"goal": "ours >= 5x faster than the PyTorch pipeline (<=32 tokens, median)",
-                         "measured": f"{pipe / ours:.1f}x ({pipe:.1f} ms vs {ours:.1f} ms)", "met": pipe / ours >= 5})
+            # issue 22's target (it was 5x before)
+            rows.append({"goal": "ours >= 6x faster than the PyTorch pipeline (<=32 tokens, median)",
+                         "measured": f"{pipe / ours:.1f}x ({pipe:.1f} ms vs {ours:.1f} ms)", "met": pipe / ours >= 6})
         if ours and ort_:
             rows.append({"goal": "ours >= 3x faster than plain ORT FP32 (<=32 tokens, median)",
                          "measured": f"{ort_ / ours:.1f}x ({ort_:.1f} ms vs {ours:.1f} ms)", "met": ort_ / ours >= 3})

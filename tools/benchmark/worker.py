@@ -75,9 +75,10 @@ def _window(ids: list[int], mask_id: int, size: int | None) -> list[int]:
     would fail on 128-token inputs otherwise)."""
     if size is None or len(ids) <= size:
         return ids
+    from edge.blanks import window_start  # pure Python: plain ORT stays plain
+
     inner, keep = ids[1:-1], size - 2
-    centre = inner.index(mask_id) if mask_id in inner else 0
-    start = max(0, min(centre - (keep - 1) // 2, len(inner) - keep))  # edge/engine.py's _build
+    start = window_start(inner.index(mask_id) if mask_id in inner else 0, 1, len(inner), keep)
     return [ids[0], *inner[start:start + keep], ids[-1]]
 
 
