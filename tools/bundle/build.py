@@ -166,70 +166,23 @@ def build_bundle(source: str, out: str | Path, vocab_size: int | None = None, co
     FP32 export does not match PyTorch.
     """
     from edge.manifest import Manifest
-    from tools.bundle.checkpoint import load_checkpoint
-    from tools.bundle.export_onnx import export_onnx
-    from tools.bundle.quantize import QUANTIZATION_METHODS, QUANTIZED_NAME, optimize_model, quantize
-    from tools.bundle.trim_vocab import corpus_stats, log_plan, plan_trim, trim_checkpoint
-    from tools.bundle.verify import verify_bundle
 
     out = Path(out)
-    _prepare_out(out)
-    if quantization not in QUANTIZATION_METHODS:
-        raise ToolError(f"unknown quantization {quantization!r} (choose from {', '.join(QUANTIZATION_METHODS)})")
-    if keep_fp32:
-        _prepare_out(out.parent / f"{out.name}-fp32")
-    if corpus is not None and not Path(corpus).exists():
-        raise ToolError(f"{corpus}: corpus path does not exist")
+    _check_options(out, quantization, keep_fp32, corpus)
     timings: dict[str, float] = {}
     sizes: dict[str, int] = {}
     started = time.monotonic()
-
-    with step("load checkpoint", timings):
-        ckpt = load_checkpoint(source, random_init=random_init, seed=seed, revision=revision)
-        config = ckpt.model.config
-        sizes["source_fp32_parameters"] = parameter_bytes(ckpt.model)
-        sizes["source_tokenizer_json"] = len(tokenizer_json(ckpt.tokenizer).encode("utf-8"))
-        log.info("%s: %d layers, hidden %d, vocab %d, %.1f MB of FP32 parameters", ckpt.source,
-                 config.num_hidden_layers, config.hidden_size, config.vocab_size,
-                 sizes["source_fp32_parameters"] / 1e6)
-
-    stats = None
-    if corpus is not None:
-        with step("count corpus", timings):
-            stats = corpus_stats(corpus, use_cache=use_cache)
-
-    with step("trim vocabulary", timings):
-        plan = plan_trim(ckpt.vocab, vocab_size, stats, ckpt.tokenizer)
-        log_plan(plan)
-        trim_checkpoint(ckpt, plan)
-        sizes["trimmed_fp32_parameters"] = parameter_bytes(ckpt.model)
-        special = ckpt.special_ids()
+    ckpt = _load_source(source, random_init, seed, revision, timings, sizes)
+    stats = _count_corpus(corpus, use_cache, timings)
+    plan, special = _trim_vocabulary(ckpt, vocab_size, stats, timings, sizes)
 
     with tempfile.TemporaryDirectory(prefix="edge-build-") as tmp:
         work = Path(tmp)
-        with step("export FP32 ONNX", timings):
-            fp32 = export_onnx(ckpt.model, work / "fp32.onnx")
-            sizes["fp32_onnx"] = fp32.stat().st_size
-        optimization: dict[str, Any] = {"applied": False, "reason": OPTIMIZE_OFF_REASON}
-        if optimize:
-            with step("optimize graph", timings):
-                optimization = optimize_model(fp32, work / "fp32_opt.onnx", config)
-                if optimization["applied"]:
-                    fp32 = work / "fp32_opt.onnx"
-                    sizes["fp32_optimized_onnx"] = fp32.stat().st_size
-
+        fp32, optimization = _export_fp32(ckpt, work, optimize, timings, sizes)
         with step("check FP32 parity with PyTorch", timings):
             fp32_session, parity = check_fp32_parity(ckpt, fp32, special, seed)
-
-        label = QUANTIZED_NAME[quantization]
-        with step(f"quantize ({quantization})", timings):
-            quantized = work / f"{label}.onnx"
-            quant = quantize(quantization, fp32, quantized, tokenizer=ckpt.tokenizer, stats=stats,
-                             special_ids=special, vocab_size=config.vocab_size,
-                             max_length=min(64, config.max_position_embeddings), seed=seed,
-                             calibration=calibration)
-            sizes["quantized_onnx"] = quantized.stat().st_size
-
+        quantized, quant, label = _quantize(ckpt, quantization, calibration, fp32, work, stats, special, seed,
+                                            timings, sizes)
         with step(f"compare {label} with FP32", timings):
             agreement = compare_with_fp32(ckpt, stats, special, fp32_session, quantized, label, samples, seed)
 
@@ -242,34 +195,143 @@ def build_bundle(source: str, out: str | Path, vocab_size: int | None = None, co
             "graph_optimization": optimization,
             "build_seconds": {},
         }
-        base_name = name or f"{Path(ckpt.source.rstrip('/')).name}-v{config.vocab_size}"
+        base_name = name or f"{Path(ckpt.source.rstrip('/')).name}-v{ckpt.model.config.vocab_size}"
         manifest_common = manifest_fields(ckpt, source, special, plan, notes)
-
-        def reload_check(folder: Path) -> None:
-            # The staged files, read back with ONNX Runtime + tokenizers alone: hashes,
-            # vocabulary, special ids, logits against PyTorch (parity for FP32).
-            report = verify_bundle(folder, ckpt, stats.test_texts if stats else None, samples=min(samples, 24))
-            log.info("reloaded %s: files ok, vs PyTorch top-1 agreement %.4f", folder.name,
-                     report["vs_pytorch"].get("top1_agreement", float("nan")))
-
         with step("write and reload bundle", timings):
-            created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
             evaluation["build_seconds"] = dict(timings, total=round(time.monotonic() - started, 2))
+            manifest_common["created"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+            check = _reload_check(ckpt, stats, samples)
             manifest = Manifest(name=f"{base_name}-{label}", quantization=quant, evaluation=evaluation,
-                                created=created, **manifest_common)
-            write_bundle(out, quantized, tok_json, manifest, check=reload_check)
+                                **manifest_common)
+            write_bundle(out, quantized, tok_json, manifest, check=check)
             log.info("bundle written to %s (model.onnx %.1f MB)", out, sizes["quantized_onnx"] / 1e6)
             if keep_fp32:
-                fp32_out = out.parent / f"{out.name}-fp32"
-                fp32_eval = {k: v for k, v in evaluation.items() if k != "quantized_vs_fp32"}
-                write_bundle(fp32_out, fp32, tok_json, Manifest(
-                    name=f"{base_name}-fp32", quantization=None, evaluation=fp32_eval, created=created,
-                    **manifest_common), check=reload_check)
-                log.info("FP32 bundle written to %s", fp32_out)
+                _write_fp32_twin(out, fp32, tok_json, f"{base_name}-fp32", evaluation, manifest_common, check)
     log.info("built %s in %.1f s: %.1f MB, vocab %d, coverage %s", out, time.monotonic() - started,
-             sizes["quantized_onnx"] / 1e6, config.vocab_size,
+             sizes["quantized_onnx"] / 1e6, ckpt.model.config.vocab_size,
              "n/a" if plan.coverage is None else f"{100 * plan.coverage:.3f}%")
     return manifest.to_dict()
+
+
+def _check_options(out: Path, quantization: str, keep_fp32: bool, corpus: str | Path | None) -> None:
+    """Refuse, before any work, an output folder that is not a bundle (nor, with
+    ``keep_fp32``, its ``-fp32`` twin), an unknown quantization or a missing corpus."""
+    from tools.bundle.quantize import QUANTIZATION_METHODS
+
+    _prepare_out(out)
+    if quantization not in QUANTIZATION_METHODS:
+        raise ToolError(f"unknown quantization {quantization!r} (choose from {', '.join(QUANTIZATION_METHODS)})")
+    if keep_fp32:
+        _prepare_out(out.parent / f"{out.name}-fp32")
+    if corpus is not None and not Path(corpus).exists():
+        raise ToolError(f"{corpus}: corpus path does not exist")
+
+
+def _load_source(source: str, random_init: bool, seed: int, revision: str | None, timings: dict[str, float],
+                 sizes: dict[str, int]):
+    """Step "load checkpoint": the source checkpoint (or its shape with random weights),
+    with its parameter and tokenizer sizes recorded in ``sizes``."""
+    from tools.bundle.checkpoint import load_checkpoint
+
+    with step("load checkpoint", timings):
+        ckpt = load_checkpoint(source, random_init=random_init, seed=seed, revision=revision)
+        config = ckpt.model.config
+        sizes["source_fp32_parameters"] = parameter_bytes(ckpt.model)
+        sizes["source_tokenizer_json"] = len(tokenizer_json(ckpt.tokenizer).encode("utf-8"))
+        log.info("%s: %d layers, hidden %d, vocab %d, %.1f MB of FP32 parameters", ckpt.source,
+                 config.num_hidden_layers, config.hidden_size, config.vocab_size,
+                 sizes["source_fp32_parameters"] / 1e6)
+    return ckpt
+
+
+def _count_corpus(corpus: str | Path | None, use_cache: bool, timings: dict[str, float]):
+    """Step "count corpus": the corpus's counts and held-apart texts (None without a corpus)."""
+    from tools.bundle.trim_vocab import corpus_stats
+
+    if corpus is None:
+        return None
+    with step("count corpus", timings):
+        stats = corpus_stats(corpus, use_cache=use_cache)
+    return stats
+
+
+def _trim_vocabulary(ckpt, vocab_size: int | None, stats, timings: dict[str, float], sizes: dict[str, int]):
+    """Step "trim vocabulary": plan the trim, apply it to ``ckpt`` in place; return the
+    plan and the trimmed special-token ids."""
+    from tools.bundle.trim_vocab import log_plan, plan_trim, trim_checkpoint
+
+    with step("trim vocabulary", timings):
+        plan = plan_trim(ckpt.vocab, vocab_size, stats, ckpt.tokenizer)
+        log_plan(plan)
+        trim_checkpoint(ckpt, plan)
+        sizes["trimmed_fp32_parameters"] = parameter_bytes(ckpt.model)
+        special = ckpt.special_ids()
+    return plan, special
+
+
+def _export_fp32(ckpt, work: Path, optimize: bool, timings: dict[str, float],
+                 sizes: dict[str, int]) -> tuple[Path, dict[str, Any]]:
+    """Steps "export FP32 ONNX" and (with ``optimize``) "optimize graph": the FP32 model
+    file in ``work`` and the manifest's record of the graph optimization."""
+    from tools.bundle.export_onnx import export_onnx
+    from tools.bundle.quantize import optimize_model
+
+    with step("export FP32 ONNX", timings):
+        fp32 = export_onnx(ckpt.model, work / "fp32.onnx")
+        sizes["fp32_onnx"] = fp32.stat().st_size
+    optimization: dict[str, Any] = {"applied": False, "reason": OPTIMIZE_OFF_REASON}
+    if optimize:
+        with step("optimize graph", timings):
+            optimization = optimize_model(fp32, work / "fp32_opt.onnx", ckpt.model.config)
+            if optimization["applied"]:
+                fp32 = work / "fp32_opt.onnx"
+                sizes["fp32_optimized_onnx"] = fp32.stat().st_size
+    return fp32, optimization
+
+
+def _quantize(ckpt, quantization: str, calibration: str, fp32: Path, work: Path, stats, special: dict[str, int],
+              seed: int, timings: dict[str, float], sizes: dict[str, int]) -> tuple[Path, Any, str]:
+    """Step "quantize": the quantized model file in ``work``, the manifest's record of
+    the quantization, and the method's short name (``int8``, ``int8-static``, ...)."""
+    from tools.bundle.quantize import QUANTIZED_NAME, quantize
+
+    config = ckpt.model.config
+    label = QUANTIZED_NAME[quantization]
+    with step(f"quantize ({quantization})", timings):
+        quantized = work / f"{label}.onnx"
+        quant = quantize(quantization, fp32, quantized, tokenizer=ckpt.tokenizer, stats=stats,
+                         special_ids=special, vocab_size=config.vocab_size,
+                         max_length=min(64, config.max_position_embeddings), seed=seed,
+                         calibration=calibration)
+        sizes["quantized_onnx"] = quantized.stat().st_size
+    return quantized, quant, label
+
+
+def _reload_check(ckpt, stats, samples: int):
+    """The check ``write_bundle`` runs on a staged bundle: its files read back with ONNX
+    Runtime + tokenizers alone (hashes, vocabulary, special ids, logits against PyTorch;
+    parity for FP32). It raises to stop the bundle being renamed into place."""
+    from tools.bundle.verify import verify_bundle
+
+    def check(folder: Path) -> None:
+        report = verify_bundle(folder, ckpt, stats.test_texts if stats else None, samples=min(samples, 24))
+        log.info("reloaded %s: files ok, vs PyTorch top-1 agreement %.4f", folder.name,
+                 report["vs_pytorch"].get("top1_agreement", float("nan")))
+
+    return check
+
+
+def _write_fp32_twin(out: Path, fp32: Path, tok_json: str, name: str, evaluation: dict[str, Any],
+                     manifest_common: dict[str, Any], check) -> None:
+    """Write the FP32 bundle at ``OUT-fp32``: the same manifest fields, no quantization
+    and no quantized-vs-FP32 figures."""
+    from edge.manifest import Manifest
+
+    fp32_out = out.parent / f"{out.name}-fp32"
+    fp32_eval = {k: v for k, v in evaluation.items() if k != "quantized_vs_fp32"}
+    write_bundle(fp32_out, fp32, tok_json, Manifest(name=name, quantization=None, evaluation=fp32_eval,
+                                                    **manifest_common), check=check)
+    log.info("FP32 bundle written to %s", fp32_out)
 
 
 def add_arguments(parser) -> None:
