@@ -7,6 +7,8 @@ not written when it fails) → quantize (dynamic INT8 by default, static INT8
 or int4 by ``--quantization``) → compare with FP32 on held-apart text → write
 ``model.onnx`` + ``tokenizer.json`` + ``manifest.json`` → reload the staged
 bundle with ONNX Runtime alone and check it before it is renamed into place.
+``build_bundle`` runs these steps in order, one function each; the manifest's
+provenance fields come from :mod:`tools.bundle.provenance`.
 """
 
 from __future__ import annotations
@@ -138,23 +140,6 @@ def compare_with_fp32(ckpt, stats, special: dict[str, int], fp32_session, quanti
     return agreement
 
 
-def manifest_fields(ckpt, source: str, special: dict[str, int], plan, notes: str) -> dict[str, Any]:
-    """The manifest fields a quantized bundle and its FP32 twin share."""
-    import edge
-    from edge.manifest import Architecture
-    from tools.bundle.checkpoint import architecture_of
-
-    config = ckpt.model.config
-    return dict(
-        training=training_summary(source),
-        source=ckpt.source, source_revision=ckpt.revision, architecture=Architecture(**architecture_of(config)),
-        vocab_size=config.vocab_size, special_ids=special, max_length=config.max_position_embeddings,
-        random_init=ckpt.random_init, tool_version=edge.__version__, vocab=plan.info(),
-        notes=notes or (f"RANDOM WEIGHTS (torch seed {ckpt.seed}): for speed/size benchmarks only; "
-                        "answers are meaningless." if ckpt.random_init else ""),
-    )
-
-
 def build_bundle(source: str, out: str | Path, vocab_size: int | None = None, corpus: str | Path | None = None,
                  random_init: bool = False, seed: int = 0, revision: str | None = None, name: str | None = None,
                  keep_fp32: bool = False, optimize: bool = False, samples: int = 200, notes: str = "",
@@ -166,6 +151,7 @@ def build_bundle(source: str, out: str | Path, vocab_size: int | None = None, co
     FP32 export does not match PyTorch.
     """
     from edge.manifest import Manifest
+    from tools.bundle.provenance import manifest_fields
 
     out = Path(out)
     _check_options(out, quantization, keep_fp32, corpus)
@@ -367,30 +353,6 @@ def add_arguments(parser) -> None:
     knowledge.add_argument("--memory-license-id", default="", help="SPDX id of the corpus's license")
     knowledge.add_argument("--no-fit", action="store_true",
                            help="keep the default fusion weights (otherwise fitted on the development data)")
-
-
-
-
-# Fields of a ``training.json`` (written by ``tools pretrain`` / ``tools distill``)
-# that the manifest keeps: enough to say how the model was made.
-TRAINING_FIELDS = ("objective", "teacher", "teacher_shape", "layer_map", "init", "augment", "shape", "params",
-                   "seq_len", "seq_schedule", "batch_size", "lr", "seed", "steps", "tokens_seen", "train_minutes",
-                   "device", "threads", "corpus", "phases", "total_train_minutes", "total_tokens_seen", "total_steps")
-
-
-def training_summary(source) -> dict | None:
-    """The training record of a checkpoint folder this project trained (else None)."""
-    from tools.bundle.checkpoint import read_training_record
-
-    info = read_training_record(source)
-    if info is None:
-        return None
-    summary = {k: info[k] for k in TRAINING_FIELDS if k in info}
-    meta = info.get("corpus_meta") or {}
-    summary.update({k: meta[k] for k in ("train_documents", "test_documents", "train_tokens") if k in meta})
-    last = info.get("last") or {}
-    summary.update({f"final_{k}": last[k] for k in ("loss", "mlm_acc", "soft_ce", "teacher_agree") if k in last})
-    return summary
 
 
 def add_knowledge(out: Path, lm: Path | None, memory: Path | None, lm_license_id: str = "",
