@@ -20,7 +20,7 @@ pytest.importorskip("torch")
 from tools import ToolError  # noqa: E402
 from tools.__main__ import main as tools_main  # noqa: E402
 from tools.bundle.build import build_bundle  # noqa: E402
-from tools.bundle.trim_vocab import corpus_stats  # noqa: E402
+from tools.bundle.corpus_counts import corpus_stats  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CHECKPOINT = ROOT / "tests" / "fixtures" / "tiny_checkpoint"

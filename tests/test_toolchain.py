@@ -32,7 +32,8 @@ from tools import ToolError  # noqa: E402
 from tools.__main__ import main as tools_main  # noqa: E402
 from tools.bundle.build import build_bundle  # noqa: E402
 from tools.bundle.checkpoint import load_checkpoint  # noqa: E402
-from tools.bundle.trim_vocab import CorpusStats, count_texts, corpus_stats, plan_trim, trim_checkpoint  # noqa: E402
+from tools.bundle.corpus_counts import CorpusStats, count_texts, corpus_stats  # noqa: E402
+from tools.bundle.trim_vocab import plan_trim, trim_checkpoint  # noqa: E402
 from tools.bundle.verify import PARITY_ATOL, PARITY_RTOL, seeded_inputs, torch_logits  # noqa: E402
 
 SHARED = ROOT.parent / "shared"

@@ -232,7 +232,7 @@ def _load_source(source: str, random_init: bool, seed: int, revision: str | None
 
 def _count_corpus(corpus: str | Path | None, use_cache: bool, timings: dict[str, float]):
     """Step "count corpus": the corpus's counts and held-apart texts (None without a corpus)."""
-    from tools.bundle.trim_vocab import corpus_stats
+    from tools.bundle.corpus_counts import corpus_stats
 
     if corpus is None:
         return None
@@ -323,7 +323,7 @@ def _write_fp32_twin(out: Path, fp32: Path, tok_json: str, name: str, evaluation
 def add_arguments(parser) -> None:
     """Options of ``python -m tools build``."""
     from tools.bundle.checkpoint import add_source_arguments
-    from tools.bundle.trim_vocab import default_corpus
+    from tools.bundle.corpus_counts import default_corpus
 
     add_source_arguments(parser)
     parser.add_argument("--out", required=True, type=Path, help="bundle folder to write")

@@ -154,7 +154,7 @@ def cloze_batches(tokenizer, texts: Iterable[str], special_ids: dict[str, int], 
                   ) -> list[ClozeBatch]:
     """Mask ``masks_per_line`` random single-CJK-character tokens (in the kept
     vocabulary) in each of up to ``n_samples`` lines, cut to ``max_length`` tokens."""
-    from tools.bundle.trim_vocab import CJK_CHAR_RE
+    from tools.bundle.corpus_counts import CJK_CHAR_RE
 
     rng = random.Random(seed)
     backend = tokenizer.backend_tokenizer
@@ -288,7 +288,7 @@ def verify_bundle(bundle: str | Path, ckpt, corpus_texts: list[str] | None = Non
 
 def add_arguments(parser) -> None:
     """Options of ``python -m tools verify``."""
-    from tools.bundle.trim_vocab import default_corpus
+    from tools.bundle.corpus_counts import default_corpus
 
     parser.add_argument("--bundle", required=True, type=Path, help="bundle folder to check")
     parser.add_argument("--checkpoint", required=True,
@@ -308,7 +308,8 @@ def run(args) -> int:
     import json
 
     from tools.bundle.checkpoint import load_checkpoint
-    from tools.bundle.trim_vocab import corpus_stats, plan_trim, trim_checkpoint
+    from tools.bundle.corpus_counts import corpus_stats
+    from tools.bundle.trim_vocab import plan_trim, trim_checkpoint
 
     ckpt = load_checkpoint(args.checkpoint, random_init=args.random_init, seed=args.seed)
     stats = corpus_stats(args.corpus) if args.corpus else None
