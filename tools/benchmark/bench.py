@@ -25,8 +25,9 @@ Results go to ``--out``: ``results.md`` (tables), ``results.json`` (raw numbers)
 Each system runs in ``python -m tools.benchmark.worker`` (tools/benchmark/worker.py), which
 imports only what its system needs (the ``ort-fp32`` and ``ours`` workers never
 import torch), so the memory it reports is that system's. The inputs are picked by
-tools/benchmark/inputs.py, the tables and chart drawn by tools/benchmark/report.py; this
-module prepares the models, runs the workers and the load test, and estimates.
+tools/benchmark/inputs.py, the tables and chart drawn by tools/benchmark/report.py, the
+machine described by tools/benchmark/machine.py; this module prepares the models, runs
+the workers and the load test, and estimates.
 """
 
 from __future__ import annotations
@@ -36,9 +37,6 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import os
-import platform
-import re
 import shlex
 import subprocess
 import sys
@@ -52,6 +50,7 @@ from tools.benchmark.report import render_chart, render_markdown
 from tools.benchmark.summary import flop_table, goals
 from tools.benchmark.worker import ALL_SYSTEMS, QUANTIZED_VARIANTS
 from tools.benchmark.loadtest import percentile
+from tools.benchmark.machine import contention, machine_info
 from tools.benchmark.models import (BERT_SOURCE, DEFAULT_BUNDLE, DEFAULT_CHECKPOINT, SHARED, ModelSpec, child_env,
                                     default_checkpoint, weights_bytes, prepare_bert_random, prepare_checkpoint_model,
                                     prepare_variant_bundle)
@@ -79,71 +78,13 @@ def run_worker(python: str, system: str, options: list[str], result_path: Path, 
     return json.loads(result_path.read_text(encoding="utf-8"))
 
 
-def machine_info(threads: int) -> dict[str, Any]:
-    """CPU model, cores, memory, load, versions: what the numbers depend on."""
-    info: dict[str, Any] = {"threads": threads, "python": platform.python_version(), "platform": platform.platform()}
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-        names = re.findall(r"^model name\s*:\s*(.+)$", text, re.M)
-        info["cpu_model"] = names[0] if names else platform.processor()
-        mhz = re.findall(r"^cpu MHz\s*:\s*(.+)$", text, re.M)
-        info["cpu_mhz"] = float(mhz[0]) if mhz else None
-        flags = (re.findall(r"^flags\s*:\s*(.+)$", text, re.M) or [""])[0].split()
-        info["simd"] = sorted(f for f in flags if f.startswith(("avx", "fma", "amx")) or "vnni" in f)
-        info["hypervisor"] = "hypervisor" in flags
-    except OSError:
-        info["cpu_model"] = platform.processor()
-    info["logical_cpus"] = os.cpu_count()
-    info["usable_cpus"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    try:
-        import psutil
-
-        info["memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
-    except ImportError:
-        pass
-    for module in ("onnxruntime", "torch", "transformers", "tokenizers", "numpy"):
-        try:
-            info[f"{module}_version"] = __import__(module).__version__
-        except ImportError:
-            info[f"{module}_version"] = None
-    return info
-
-
-def contention(sample_s: float = 1.0) -> dict[str, Any]:
-    """Load average and the other processes using CPU right now (a training run, say):
-    any process outside this benchmark above 20% of a core over ``sample_s``."""
-    busy = []
-    try:
-        import psutil
-
-        mine = {os.getpid()} | {p.pid for p in psutil.Process().children(recursive=True)}
-        procs = [p for p in psutil.process_iter(["pid", "cmdline"]) if p.info["pid"] not in mine]
-        for proc in procs:
-            try:
-                proc.cpu_percent(None)
-            except psutil.Error:
-                pass
-        time.sleep(sample_s)
-        for proc in procs:
-            try:
-                cpu = proc.cpu_percent(None)
-            except psutil.Error:
-                continue
-            if cpu > 20:
-                cmd = " ".join(proc.info.get("cmdline") or []) or str(proc.info["pid"])
-                busy.append(f"{cmd[:100]} ({cpu:.0f}% CPU)")
-    except ImportError:
-        pass
-    return {"loadavg": list(os.getloadavg()), "other_heavy_processes": busy}
-
-
 def _summary(values: list[float]) -> dict[str, float]:
     return {"median": percentile(values, 50), "min": min(values), "max": max(values)} if values else {}
 
 
 def bench_model(python: str, spec: ModelSpec, notes: dict[str, Any], inputs_path: Path, args,
                 work: Path) -> dict[str, Any]:
-    """Time the three systems (each in its own subprocesses) and the INT8 agreement."""
+    """Time the systems (each in its own subprocesses) and the quantized bundles' agreement with FP32."""
     result: dict[str, Any] = {"label": spec.label, "random_init": spec.random_init, "note": spec.note,
                               "checkpoint": str(spec.checkpoint) if spec.checkpoint else None,
                               "bundle": str(spec.bundle), **notes, "systems": {}}
@@ -151,6 +92,33 @@ def bench_model(python: str, spec: ModelSpec, notes: dict[str, Any], inputs_path
     tokenizer = str(spec.checkpoint / "tokenizer.json") if spec.checkpoint else None
     common = ["--inputs", str(inputs_path), "--threads", str(args.threads), "--iterations", str(args.iterations),
               "--warmup", str(args.warmup), "--sets", ",".join(args.sets)]
+    per_system, sizes, worker_of = _system_options(python, spec, fp32, tokenizer, args, work)
+    for system in ALL_SYSTEMS:
+        if system not in per_system:
+            continue
+        if not system.startswith("ours") and spec.checkpoint is None:
+            result["systems"][system] = {"error": "skipped: " + spec.note}
+            continue
+        if system in args.skip:
+            continue
+        res = _time_system(python, spec, system, worker_of[system], common + per_system[system], args, work)
+        res["model_file_bytes"] = sizes[system]
+        result["systems"][system] = res
+    if spec.checkpoint is not None and "agree" not in args.skip:
+        result["agreement_variants"] = {}
+        for system, agree in _agreements(python, spec, per_system, fp32, tokenizer, inputs_path, args, work).items():
+            if system == "ours":
+                result["agreement"] = agree
+            else:
+                result["agreement_variants"][system] = agree
+    return result
+
+
+def _system_options(python: str, spec: ModelSpec, fp32, tokenizer: str | None, args,
+                    work: Path) -> tuple[dict[str, list[str]], dict[str, int | None], dict[str, str]]:
+    """For each system to time: its worker options, its model file's size in bytes, and
+    which worker runs it (the quantized variants run in the ``ours`` worker; their
+    bundles are built here from the checkpoint when missing)."""
     per_system = {
         "pipeline": ["--checkpoint", str(spec.checkpoint)],
         "ort-fp32": ["--onnx", str(fp32), "--tokenizer", str(tokenizer)],
@@ -168,59 +136,58 @@ def bench_model(python: str, spec: ModelSpec, notes: dict[str, Any], inputs_path
             per_system[system] = ["--bundle", str(variant), "--batch-window-ms", str(args.ours_window_ms)]
             sizes[system] = (variant / "model.onnx").stat().st_size
             worker_of[system] = "ours"
-    for system in ALL_SYSTEMS:
+    return per_system, sizes, worker_of
+
+
+def _time_system(python: str, spec: ModelSpec, system: str, worker: str, options: list[str], args,
+                 work: Path) -> dict[str, Any]:
+    """One system's latency run in a fresh worker, then ``--cold-runs`` fresh launches
+    for its cold start; the worker's result (or ``{"error": ...}``)."""
+    log.info("== %s / %s: timing (%d iterations x %s, %d threads)", spec.key, system, args.iterations,
+             ",".join(args.sets), args.threads)
+    res = run_worker(python, worker, options, work / f"{spec.key}-{system}.json", args.worker_timeout)
+    if "error" in res:
+        log.error("%s / %s failed: %s", spec.key, system, res["error"])
+    else:
+        for name, data in res.get("sets", {}).items():
+            log.info("   %-8s median %8.1f ms  p99 %8.1f ms", name, data["median_ms"], data["p99_ms"])
+        log.info("   RSS loaded %.0f MB, after run %.0f MB; cold start %.2f s", res["rss_loaded_mb"],
+                 res["rss_after_run_mb"], res["cold_start_s"])
+    colds = []
+    for k in range(args.cold_runs if "error" not in res else 0):
+        cold = run_worker(python, worker, options + ["--cold-only"],
+                          work / f"{spec.key}-{system}-cold{k}.json", args.worker_timeout)
+        if "cold_start_s" in cold:
+            colds.append(cold["cold_start_s"])
+    if colds:
+        res["cold_start"] = _summary(colds)
+        res["cold_start"]["runs"] = colds
+        log.info("   cold start (%d fresh launches): median %.2f s", len(colds), res["cold_start"]["median"])
+    return res
+
+
+def _agreements(python: str, spec: ModelSpec, per_system: dict[str, list[str]], fp32, tokenizer: str | None,
+                inputs_path: Path, args, work: Path) -> dict[str, dict[str, Any]]:
+    """Each quantized bundle's top-1 / top-5 agreement with the FP32 export on the
+    held-apart blanks, by system (``ours`` and the variants being timed)."""
+    agreements = {}
+    for system in ("ours", *QUANTIZED_VARIANTS):
         if system not in per_system:
             continue
-        if not system.startswith("ours") and spec.checkpoint is None:
-            result["systems"][system] = {"error": "skipped: " + spec.note}
-            continue
-        if system in args.skip:
-            continue
-        log.info("== %s / %s: timing (%d iterations x %s, %d threads)", spec.key, system, args.iterations,
-                 ",".join(args.sets), args.threads)
-        res = run_worker(python, worker_of[system], common + per_system[system],
-                         work / f"{spec.key}-{system}.json", args.worker_timeout)
-        if "error" in res:
-            log.error("%s / %s failed: %s", spec.key, system, res["error"])
+        bundle = per_system[system][1]
+        log.info("== %s: %s bundle vs FP32 agreement on held-apart blanks", spec.key, system)
+        agree = run_worker(python, "agree", ["--inputs", str(inputs_path), "--threads", str(args.threads),
+                                             "--onnx", str(fp32), "--tokenizer", str(tokenizer),
+                                             "--bundle", bundle],
+                           work / f"{spec.key}-{system}-agree.json", args.worker_timeout)
+        agreements[system] = agree
+        if "top1_agreement" in agree:
+            log.info("   top-1 agreement %.4f, top-5 overlap %.4f over %d blanks (kept vocab: %.4f / %.4f)",
+                     agree["top1_agreement"], agree["top5_overlap"], agree["masked_positions"],
+                     agree["top1_agreement_kept_vocab"], agree["top5_overlap_kept_vocab"])
         else:
-            for name, data in res.get("sets", {}).items():
-                log.info("   %-8s median %8.1f ms  p99 %8.1f ms", name, data["median_ms"], data["p99_ms"])
-            log.info("   RSS loaded %.0f MB, after run %.0f MB; cold start %.2f s", res["rss_loaded_mb"],
-                     res["rss_after_run_mb"], res["cold_start_s"])
-        colds = []
-        for k in range(args.cold_runs if "error" not in res else 0):
-            cold = run_worker(python, worker_of[system], common + per_system[system] + ["--cold-only"],
-                              work / f"{spec.key}-{system}-cold{k}.json", args.worker_timeout)
-            if "cold_start_s" in cold:
-                colds.append(cold["cold_start_s"])
-        if colds:
-            res["cold_start"] = _summary(colds)
-            res["cold_start"]["runs"] = colds
-            log.info("   cold start (%d fresh launches): median %.2f s", len(colds), res["cold_start"]["median"])
-        res["model_file_bytes"] = sizes[system]
-        result["systems"][system] = res
-    if spec.checkpoint is not None and "agree" not in args.skip:
-        result["agreement_variants"] = {}
-        for system in ("ours", *QUANTIZED_VARIANTS):
-            if system not in per_system:
-                continue
-            bundle = per_system[system][1]
-            log.info("== %s: %s bundle vs FP32 agreement on held-apart blanks", spec.key, system)
-            agree = run_worker(python, "agree", ["--inputs", str(inputs_path), "--threads", str(args.threads),
-                                                 "--onnx", str(fp32), "--tokenizer", str(tokenizer),
-                                                 "--bundle", bundle],
-                               work / f"{spec.key}-{system}-agree.json", args.worker_timeout)
-            if system == "ours":
-                result["agreement"] = agree
-            else:
-                result["agreement_variants"][system] = agree
-            if "top1_agreement" in agree:
-                log.info("   top-1 agreement %.4f, top-5 overlap %.4f over %d blanks (kept vocab: %.4f / %.4f)",
-                         agree["top1_agreement"], agree["top5_overlap"], agree["masked_positions"],
-                         agree["top1_agreement_kept_vocab"], agree["top5_overlap_kept_vocab"])
-            else:
-                log.error("agreement failed: %s", agree.get("error"))
-    return result
+            log.error("agreement failed: %s", agree.get("error"))
+    return agreements
 
 
 # ============================================================================ command
