@@ -17,9 +17,10 @@ goes on; a port that disappears (USB adapter unplugged) is reopened with
 backoff. Modelled on pyserial's miniterm: a class handed an open port, with a
 named reader thread; the engine may be shared with the HTTP service.
 
-This module is the port and the session (opening and reopening the port, the reader
-thread, commands, the two modes); the line editing is :mod:`edge.serial_input`, what a
-person sees :mod:`edge.serial_render`.
+This module is the port's side (opening and reopening the port, the reader thread,
+writing, the ``serial`` command's options); what a line asks for and the lines that
+answer it are :mod:`edge.serial_protocol`, the line editing :mod:`edge.serial_input`,
+what a person sees :mod:`edge.serial_render`.
 
 Wiring into the command line (``python -m edge serial PORT``)::
 
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import json
 import logging
 import signal
 import threading
@@ -43,7 +43,8 @@ from typing import Any, Callable
 import serial
 
 from edge.serial_input import Line, LineEditor
-from edge.serial_render import DEFAULT_MAX_LINE, HELP_TEXT, error_message, format_answer
+from edge.serial_protocol import SerialProtocol
+from edge.serial_render import DEFAULT_MAX_LINE
 
 LOG = logging.getLogger("edge.serial")
 
@@ -77,11 +78,7 @@ class SerialTerminal:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         codecs.lookup(encoding)  # fail now, naming the encoding, not in the thread
         self.port = port
-        self.engine = engine
         self.mode = mode
-        self.top_k = top_k
-        self.blank_length = blank_length
-        self.max_line = max_line
         self.prompt = prompt
         self.encoding = encoding
         self.reopen = reopen
@@ -90,7 +87,7 @@ class SerialTerminal:
         self.newline = "\r\n" if terminal else "\n"
         self.editor = LineEditor(max_line, editing=terminal, echo=terminal and echo)
         self.decoder = codecs.getincrementaldecoder(encoding)(errors="surrogateescape")
-        self.lines_served = 0
+        self.protocol = SerialProtocol(engine, mode, top_k, blank_length, max_line)
         self._last_port_name = str(getattr(port, "port", None) or "port")
         self._alive = threading.Event()
         self._thread: threading.Thread | None = None
@@ -154,7 +151,7 @@ class SerialTerminal:
                 if self.reopen is None:
                     LOG.error("no way to reopen %s; serial front end stops", self._port_name())
                     self._alive.clear()
-        LOG.info("serial reader stopped after %d lines", self.lines_served)
+        LOG.info("serial reader stopped after %d lines", self.protocol.lines_served)
 
     def _port_name(self) -> str:
         return str(getattr(self.port, "port", None) or self._last_port_name)
@@ -190,19 +187,12 @@ class SerialTerminal:
         """Show a banner and the prompt to a person; programs get nothing."""
         if self.mode != "terminal":
             return
-        info = self._model_info()
+        info = self.protocol.model_info()
         name = info.get("name", "?")
         self._write_lines([f"中文填空 · 模型 {name} · 输入 ? 查看帮助"])
         if info.get("random_init"):
             self._write_lines(["!! 警告：模型权重是随机初始化的，只能测速，答案没有意义"])
         self._write_text(self.prompt)
-
-    def _model_info(self) -> dict[str, Any]:
-        try:
-            return dict(self.engine.info())
-        except Exception:  # the banner is cosmetic; never let it kill the session
-            LOG.exception("engine.info() failed")
-            return {}
 
     def _handle_bytes(self, data: bytes) -> None:
         text = self.decoder.decode(data)
@@ -214,91 +204,13 @@ class SerialTerminal:
             elif kind == "line":
                 self._handle_line(value)
 
-    # -- queries -------------------------------------------------------------
+    # -- answers -------------------------------------------------------------
     def _handle_line(self, line: Line) -> None:
+        lines = self.protocol.answer(line)
+        if lines:
+            self._write_lines(lines)
         if self.mode == "terminal":
-            self._terminal_line(line)
             self._write_text(self.prompt)
-        else:
-            self._program_line(line)
-
-    def _terminal_line(self, line: Line) -> None:
-        if line.error == "cancelled":
-            return
-        if line.error:
-            self._write_lines(["错误：" + error_message(line.error, limit=self.max_line)])
-            return
-        text = line.text.strip()
-        if not text:
-            return
-        command = text.lower()
-        if command in ("?", "？", "help", "帮助"):
-            self._write_lines(HELP_TEXT.format(top_k=self.top_k).splitlines())
-            return
-        if command == "info":
-            info = self._model_info()
-            self._write_lines([f"{key}: {json.dumps(value, ensure_ascii=False)}" for key, value in info.items()])
-            return
-        if command.startswith("top ") or command.startswith("top\t"):
-            self._set_top_k(command[4:].strip())
-            return
-        result = self._predict(text, self.top_k, self.blank_length)
-        if "error" in result:
-            self._write_lines(["错误：" + str(result["message"])])
-        else:
-            self._write_lines(format_answer(text, result))
-
-    def _set_top_k(self, value: str) -> None:
-        try:
-            top_k = int(value)
-            if top_k < 1:
-                raise ValueError
-        except ValueError:
-            self._write_lines([f"错误：top 后面要跟一个正整数，例如 top 3（收到 {value!r}）"])
-            return
-        self.top_k = top_k
-        self._write_lines([f"每个空显示 {top_k} 个候选"])
-
-    def _program_line(self, line: Line) -> None:
-        if line.error:
-            self._write_json({"error": line.error, "message": error_message(line.error, limit=self.max_line)})
-            return
-        raw = line.text.strip()
-        if not raw:
-            return  # blank lines are keep-alives, not queries
-        request_id = None
-        if raw.startswith("{"):
-            try:
-                request = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                self._write_json({"error": "invalid_json", "message": error_message("invalid_json", str(exc))})
-                return
-            request_id = request.get("id")
-            problem = _check_request(request)
-            if problem:
-                self._write_json(_with_id({"error": "bad_request", "message": problem}, request_id))
-                return
-            top_k = request.get("top_k")
-            blank_length = request.get("blank_length")
-            result = self._predict(request["text"], self.top_k if top_k is None else top_k,
-                                   self.blank_length if blank_length is None else blank_length)
-        else:
-            result = self._predict(raw, self.top_k, self.blank_length)
-        self._write_json(_with_id(result, request_id))
-
-    def _predict(self, text: str, top_k: Any, blank_length: Any) -> dict[str, Any]:
-        """Run one query; return the engine's answer or an error dict."""
-        self.lines_served += 1
-        try:
-            return self.engine.predict(text, top_k=top_k, blank_length=blank_length)
-        except ValueError as exc:
-            code = getattr(exc, "code", None)  # edge.engine.InputError carries a code
-            if code:
-                return {"error": code, "message": _exception_message(exc)}
-            LOG.exception("engine rejected %r without an error code", text)
-        except Exception:
-            LOG.exception("engine failed on %r", text)
-        return {"error": "internal_error", "message": error_message("internal_error")}
 
     # -- output --------------------------------------------------------------
     def _write_text(self, text: str) -> None:
@@ -311,38 +223,6 @@ class SerialTerminal:
 
     def _write_lines(self, lines: list[str]) -> None:
         self._write_text("".join(line + self.newline for line in lines))
-
-    def _write_json(self, obj: dict[str, Any]) -> None:
-        self._write_text(json.dumps(obj, ensure_ascii=False) + self.newline)
-
-
-def _exception_message(exc: Exception) -> str:
-    """The human part of an InputError(code, message), however it stores it."""
-    message = getattr(exc, "message", None)
-    if isinstance(message, str) and message:
-        return message
-    if len(exc.args) == 2 and isinstance(exc.args[1], str):
-        return exc.args[1]
-    return str(exc)
-
-
-def _check_request(request: Any) -> str | None:
-    """Return what is wrong with a JSON request line, or None."""
-    if not isinstance(request, dict):
-        return 'a JSON line must be an object such as {"text": "…[MASK]…", "top_k": 5}'
-    if not isinstance(request.get("text"), str):
-        return 'the JSON object needs a "text" string'
-    top_k = request.get("top_k")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)):
-        return '"top_k" must be an integer'
-    return None
-
-
-def _with_id(obj: dict[str, Any], request_id: Any) -> dict[str, Any]:
-    """Echo a request's "id" into its answer so a program can match them."""
-    if request_id is None:
-        return obj
-    return {**obj, "id": request_id}
 
 
 # -- opening ports and the command line -----------------------------------------
