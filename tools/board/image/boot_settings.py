@@ -13,6 +13,10 @@ leaves that one setting as it was; the others still apply. A setting that is abs
 (or empty) takes the image's default. ``check FILE`` validates a file anywhere.
 
 Runs with the system python3 and its standard library only (no venv needed).
+It stays one file (parsing, checking and applying, ~470 lines) on purpose:
+make_image.sh installs it alone as /usr/local/lib/fillmask-edge/boot_settings.py,
+outside the product's package and venv, and the settings unit and make_image.sh's
+own check run that one file with /usr/bin/python3.
 """
 
 from __future__ import annotations
