@@ -19,7 +19,7 @@ Choices, each for a reason:
   quantized copy of a tensor;
 - MatMul outputs stay FP32 (``OpTypesToExcludeOutputQuantization``): the decoder's
   output is the logits, and a uint8 logit would round scores to ~0.1;
-- the word embedding reads the tied decoder's INT8 weight (``share_tied_embedding``),
+- the word embedding reads the tied decoder's INT8 weight (:mod:`tools.bundle.tied_embedding`),
   as in the dynamic bundle, so the vocabulary matrix is stored once.
 """
 
@@ -78,7 +78,7 @@ def quantize_static_model(fp32_path: str | Path, out_path: str | Path, batches: 
     import onnxruntime
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from tools.bundle.quantize import share_tied_embedding_in_file
+    from tools.bundle.tied_embedding import share_tied_embedding_in_file
 
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     if not fp32_path.is_file():
