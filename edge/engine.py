@@ -67,7 +67,7 @@ UNUSED_RE = re.compile(r"^\[unused\d+\]$")
 OOV_LOGP = -20.0
 LM_FILE = "lm.bin"
 MEMORY_FILE = "memory.bin"
-SOURCE_ORDER = ("model", "lm", "memory")
+SOURCE_ORDER = ("model", "lm", "memory", "context")
 # A memory hit is quoted under its answer when at least this much context matched
 # (shorter matches are common phrases, not a line the text comes from).
 MIN_QUOTE_CONTEXT = 4
@@ -506,17 +506,19 @@ class Engine:
             rows.append(Row(ids, positions[index]))
         pending = self._submit(rows)
         scorer = fusion.scorer(left, right)
-        z = fusion.register(left_text, right_text)
         neighbours = {n: fusion.words_with_neighbours(left, right, n) for n in lengths}
         hits = {n: fusion.memory_hits(left_text, n, right_text) for n in lengths}
+        z = fusion.register(left_text, right_text, [hit for found in hits.values() for hit in found])
+        echoes = {n: fusion.echoes(left_text, n, right_text) for n in lengths}
         outputs = pending.result(timeout=60.0)
         pool: list[Candidate] = []
         for n, logits in zip(lengths, outputs):
             pool.extend(self._candidates_of_length(n, _log_softmax(logits, self.invalid), neighbours[n],
-                                                   hits[n], scorer))
+                                                   hits[n], echoes[n], scorer))
         texts = [c.text for c in pool]
         for c, score in zip(pool, fusion.lm_scores(left, right, texts, scorer)):
             c.lm = score
+        fusion.add_text_cues(pool, left_text, right_text, echoes)
         return fusion.rank(pool, fusion.kind(lengths[0], auto), z=z)
 
     def _independent_logp(self, position_logp: np.ndarray, text: str) -> float | None:
@@ -565,9 +567,10 @@ class Engine:
         return [texts[k] for k in sorted(range(len(texts)), key=lambda k: (-keys[k], texts[k]))[:keep]]
 
     def _candidates_of_length(self, n: int, position_logp: np.ndarray, neighbours: dict[str, float],
-                              hits, scorer) -> list[Candidate]:
+                              hits, echoes: dict[str, int], scorer) -> list[Candidate]:
         """The candidates of one blank length, each with its sources, the model's
-        log-probability and the memory hit that proposed it (the LM score comes later)."""
+        log-probability and the memory hit that proposed it (the LM score and the text
+        cues come later)."""
         found: dict[str, Candidate] = {}
 
         def add(text: str, source: str) -> Candidate:
@@ -583,6 +586,8 @@ class Engine:
             add(text, "lm")
         for hit in hits:
             add(hit.filler, "memory").memory = hit
+        for text in echoes:
+            add(text, "context")
         for c in found.values():
             c.model = self._independent_logp(position_logp, c.text)
         return list(found.values())
@@ -810,9 +815,10 @@ class Engine:
                 hits[(n, hit.filler)] = hit
         for c in candidates:
             c.memory = hits.get((len(c.text), c.text))
+        fusion.add_text_cues(candidates, segments[0], segments[1])
         lengths = {len(f) for f in fillers}
         kind = fusion.given_kind(lengths.pop() if len(lengths) == 1 else 2)
-        fusion.rank(candidates, kind, null=False, z=fusion.register(segments[0], segments[1]))
+        fusion.rank(candidates, kind, null=False, z=fusion.register(segments[0], segments[1], hits.values()))
         return candidates
 
     def _detokenize(self, tokens: Sequence[int]) -> str:

@@ -38,15 +38,27 @@ import numpy as np
 
 from edge.ngram_lm import FillerScorer, NgramLM, han_context, is_han
 from edge.phrase_memory import MemoryHit, PhraseMemory
+from edge.text_cues import MAX_RARITY, cohesion, echoes
 
 LN10 = math.log(10.0)
 FEATURES = ("model", "lm", "mem_context", "mem_best", "mem_best5", "mem_best7", "mem_best11", "mem_cover",
-            "model_z", "lm_z", "mem_z", "model_oov", "len2", "len3", "len4")
+            "model_z", "lm_z", "mem_z", "model_oov", "len2", "len3", "len4",
+            "mem_two2", "mem_two3", "mem_whole", "echo", "cohesion")
 # The filler holding a blank's longest memory match gets one of these indicators by the
 # length of that match: how far to trust it is far from linear in the length (held-apart
 # development blanks: the memory's best filler was right 17% of the time with 3-4
 # characters of context matched, 61% with 5-6, ~80% with 7-10 and every time with 13+).
 MEM_BEST_BUCKETS = ((3, "mem_best"), (5, "mem_best5"), (7, "mem_best7"), (11, "mem_best11"))
+# The filler whose memory hit matched the most context on *both* sides (the smaller of
+# its left and right matches, when that is the blank's best) gets one of these: a match
+# on both sides is far stronger evidence than as many characters on one side
+# (development blanks: the memory's filler was right 70% of the time with 2 characters
+# matched on each side, 90% with 3 or more).
+MEM_TWO_BUCKETS = ((2, "mem_two2"), (3, "mem_two3"))
+# A hit that matched all of the query's context, at least this many characters: the
+# text is a line of the corpus, typed whole (a famous line).
+MEM_WHOLE_CONTEXT = 6
+ECHO_CAP = 8  # characters of matched neighbours beyond which an echo counts no more
 NULL_FEATURES = ("null", "null_z")
 MEM_CONTEXT_CAP = 16  # characters of matched context beyond which a memory hit counts no more
 # The LM feature is ln p(window) relative to the blank's best candidate, floored here:
@@ -79,7 +91,7 @@ DEFAULT_SETTINGS: dict = {
         "auto": {"model": 0.5, "lm": 0.4, "mem_context": 1.0, "lm_z": 0.3, "model_oov": OOV_DEFAULT_WEIGHT,
                  "null": -3.0},
     },
-    "candidates": {"model": 30, "lm": 16, "memory": 8, "word_model": 5, "word_lm": 40},
+    "candidates": {"model": 30, "lm": 16, "memory": 8, "word_model": 5, "word_lm": 40, "echo": 8},
     "context_chars": 8,
     "fitted": False,
 }
@@ -97,6 +109,8 @@ class Candidate:
     score: float = 0.0  # w · f
     probability: float = 0.0
     z: float = 0.0  # the register of the blank's context (see Fusion.register)
+    echo: int = 0  # neighbour characters matched where the filler occurs elsewhere in the text
+    cohesion: float = 0.0  # how much its characters echo the text (edge.text_cues.cohesion)
 
     @property
     def length(self) -> int:
@@ -118,6 +132,12 @@ def settings_of(manifest_fusion: dict | None) -> dict:
     return settings
 
 
+def is_whole_line(hit: MemoryHit | None) -> bool:
+    """Whether a memory hit matched all of the query's context, at least
+    :data:`MEM_WHOLE_CONTEXT` characters: the text is a line of the corpus."""
+    return hit is not None and hit.cover >= 0.999 and hit.context >= MEM_WHOLE_CONTEXT
+
+
 class Fusion:
     """The word LM and the phrase memory of a bundle, and how to weigh them."""
 
@@ -130,6 +150,7 @@ class Fusion:
         self._weights = {kind: self._weight_vector(kind) for kind in self.settings["weights"]}
         self._words_by_length: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._patterns: dict | None = None
+        self._rarity: dict[str, float] = {}
 
     def _weight_vector(self, kind: str) -> tuple[np.ndarray, np.ndarray]:
         weights = self.settings["weights"][kind]
@@ -294,15 +315,50 @@ class Fusion:
         scorer = scorer or FillerScorer(self.lm, left, right)
         return [LN10 * scorer.score(f) for f in fillers]
 
+    def echoes(self, left_text: str, n: int, right_text: str) -> dict[str, int]:
+        """Fillers of ``n`` characters found elsewhere in the query between the blank's
+        neighbours (:func:`edge.text_cues.echoes`), the best ``limits["echo"]`` of them."""
+        found = echoes(left_text, n, right_text)
+        keep = int(self.limits.get("echo", 8))
+        return dict(sorted(found.items(), key=lambda kv: (-kv[1], kv[0]))[:keep])
+
+    def rarity(self, ch: str) -> float:
+        """``-log10`` of a character's unigram probability under the word LM (the
+        rarest value when the LM lacks it or there is no LM)."""
+        value = self._rarity.get(ch)
+        if value is None:
+            w = self.lm.word_id(ch) if self.lm is not None else -1
+            value = -self.lm.logp(-1, -1, w) if w >= 0 else MAX_RARITY
+            if len(self._rarity) < 65536:  # characters: bounded by the script, not the traffic
+                self._rarity[ch] = value
+        return value
+
+    def add_text_cues(self, candidates: Sequence[Candidate], left_text: str, right_text: str,
+                      echo: dict[int, dict[str, int]] | None = None) -> None:
+        """Set each candidate's echo (from ``echo``: length → filler → characters matched,
+        computed here when not given) and cohesion with the query's text."""
+        echo = dict(echo or {})
+        chars = set(left_text) | set(right_text)
+        for c in candidates:
+            if c.length not in echo:
+                echo[c.length] = self.echoes(left_text, c.length, right_text)
+            c.echo = echo[c.length].get(c.text, 0)
+            c.cohesion = cohesion(c.text, chars, self.rarity)
+
     def memory_hits(self, left_text: str, n: int, right_text: str) -> list[MemoryHit]:
         """The memory's fillers of ``n`` characters for this context."""
         if self.memory is None:
             return []
         return self.memory.lookup(left_text, n, right_text, limit=int(self.limits["memory"]))
 
-    def register(self, left_text: str, right_text: str) -> float:
+    def register(self, left_text: str, right_text: str, hits: Iterable[MemoryHit] = ()) -> float:
         """z in [-1, 1]: +1 when the word LM knows the blank's context well (modern
-        Chinese), -1 when it does not (classical); 0 without an LM or context."""
+        Chinese), -1 when it does not (classical); 0 without an LM or context. A text the
+        memory (classical poetry and prose) holds verbatim is classical whatever the LM
+        says: it knows the famous lines' phrases (不亦乐乎, 杨柳) and read 学而时习之 as
+        modern, trusting itself over the whole line in the memory."""
+        if any(is_whole_line(hit) for hit in hits):
+            return -1.0
         if self.lm is None:
             return 0.0
         total, chars = 0.0, 0
@@ -317,10 +373,15 @@ class Fusion:
     def feature_matrix(self, candidates: Sequence[Candidate], z: float = 0.0) -> np.ndarray:
         """[candidates, features] in the order of :data:`FEATURES`; ``z``: the register."""
         best = max((c.memory.context for c in candidates if c.memory is not None), default=0)
+        best_two = max((min(c.memory.left, c.memory.right) for c in candidates if c.memory is not None), default=0)
         lm_best = max((c.lm for c in candidates if c.lm is not None), default=0.0)
         rows = []
         for c in candidates:
             mem = c.memory.context if c.memory is not None else 0
+            two = min(c.memory.left, c.memory.right) if c.memory is not None else 0
+            two_bucket = next((name for low, name in reversed(MEM_TWO_BUCKETS) if two >= low), None) \
+                if two == best_two else None
+            whole = is_whole_line(c.memory)
             oov = c.model is None
             model = 0.0 if oov else max(c.model, MODEL_FLOOR)
             lm = 0.0 if c.lm is None else max(c.lm - lm_best, LM_FLOOR)
@@ -336,6 +397,10 @@ class Fusion:
                 1.0 if c.length == 2 else 0.0,
                 1.0 if c.length == 3 else 0.0,
                 1.0 if c.length == 4 else 0.0,
+                *(1.0 if two_bucket == name else 0.0 for _, name in MEM_TWO_BUCKETS),
+                1.0 if whole else 0.0,
+                min(c.echo, ECHO_CAP) / 4.0,
+                c.cohesion,
             ])
         return np.array(rows, dtype=np.float64).reshape(len(rows), len(FEATURES))
 

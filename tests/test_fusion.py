@@ -69,10 +69,11 @@ def test_a_memory_hit_is_answered_with_its_source(engine):
     assert "memory" in top["sources"] and "lm" in top["sources"]
     assert top["quote"] == {"text": "床前明月光，疑是地上霜。", "title": "静夜思", "author": "李白",
                             "dynasty": "唐", "collection": "全唐诗"}
-    # Sources are listed in a fixed order and name only the three sources.
+    # Sources are listed in a fixed order and name only the four sources.
+    order = ("model", "lm", "memory", "context")
     for cand in blank["candidates"]:
-        assert cand["sources"] and set(cand["sources"]) <= {"model", "lm", "memory"}
-        assert cand["sources"] == [s for s in ("model", "lm", "memory") if s in cand["sources"]]
+        assert cand["sources"] and set(cand["sources"]) <= set(order)
+        assert cand["sources"] == [s for s in order if s in cand["sources"]]
 
 
 def test_fusion_false_is_the_model_alone(engine, plain_engine):

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
 _SHARED_FEATURES = ("model", "lm", "mem_context", "mem_best", "mem_best5", "mem_best7", "mem_best11", "mem_cover",
-                    "model_z", "lm_z", "mem_z", "model_oov")
+                    "model_z", "lm_z", "mem_z", "model_oov", "mem_two2", "mem_two3", "mem_whole", "echo", "cohesion")
 KIND_FEATURES = {
     "char": _SHARED_FEATURES,
     "word": _SHARED_FEATURES,
