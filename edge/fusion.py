@@ -1,6 +1,6 @@
 """Fusing the masked-LM with the bundle's word LM and phrase memory.
 
-For one blank of ``n`` characters the engine collects candidates from three sources:
+For one blank of ``n`` characters the engine collects candidates from four sources:
 
 - ``model``: the masked-LM's best fillers (top-N characters; for a longer blank the
   best combinations of its per-position distributions, blank all masked);
@@ -8,7 +8,9 @@ For one blank of ``n`` characters the engine collects candidates from three sour
   (地+上 = 地上, 公+园 = 公园; numpy tables of the LM's words by character), and for a
   blank of 2+ characters the LM words of that length that the model's per-position
   distributions rank highest and those the LM has after the previous word;
-- ``memory``: fillers seen in the training corpus with the longest matching context.
+- ``memory``: fillers seen in the training corpus with the longest matching context;
+- ``context``: fillers the query's own text repeats between the blank's neighbours
+  (:func:`edge.text_cues.echoes`).
 
 Each candidate gets features (:data:`FEATURES`) — the model's log-probability (or,
 for a filler the model cannot write, an indicator of that), the LM's log-probability
@@ -17,7 +19,10 @@ of the window with the filler in it (best segmentation, both sides of the blank,
 context the memory matched and whether that is the blank's best match (by length
 bucket) and what share of the query's context that is (a famous line typed whole
 matches all of it; a random passage's blank rarely does), each of those times the
-register ``z`` of the context, and for
+register ``z`` of the context, the two cues of :mod:`edge.text_cues` (how much of
+the neighbourhood matched where the text repeats the filler; how many of its rare
+characters the text already has), whether the memory matched the most context on both
+sides and whether it matched all of the query, and for
 ``blank_length: "auto"`` the length —
 and a score ``w · f``. ``score`` in the answer is the softmax of those scores over the
 candidates and one "none of these" outcome with a fitted score, so that it stays a

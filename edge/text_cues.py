@@ -6,8 +6,8 @@ Two cues, both computed from the text alone (no model, no file):
   (诗经's refrains 有杕之杜，生于道左 … 有杕之杜，生于道周; a name or a term a news item
   repeats). :func:`echoes` finds, for a blank of ``n`` characters, every ``n``-character
   Han string of the text whose left and right neighbours match the blank's, with how many
-  characters matched (left + right, at least 2). On the held-apart development passages
-  such a repeat is right about two times in three when 3+ characters matched.
+  characters matched (left + right, at least 2). On the held-apart passages such a
+  repeat was the answer 58% of the time when 3+ characters matched (81 of 139 blanks).
 - **cohesion**: the filler's characters already appear in the text around it. Idioms in
   particular echo their passage (ChID: 雪中送炭 in a passage about help that came in
   time, 炭 or 雪 elsewhere in it), so each of the filler's distinct characters found in the

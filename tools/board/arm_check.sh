@@ -170,6 +170,9 @@ CHECK=/opt/fillmask-check
 rm -rf "$ARM_ROOT$CHECK" && mkdir -p "$ARM_ROOT$CHECK"
 cp -r "$REPO/tests" "$REPO/systemd" "$ARM_ROOT$CHECK/"
 mkdir -p "$ARM_ROOT$CHECK/tools/board" && cp "$REPO"/tools/board/*.sh "$ARM_ROOT$CHECK/tools/board/"  # the scripts only, no toolchain
+# The SD image's boot-settings script runs on the board with the system python3 (stdlib
+# only), so its tests run here too.
+cp -r "$REPO/tools/board/image" "$ARM_ROOT$CHECK/tools/board/"
 find "$ARM_ROOT$CHECK" -name __pycache__ -prune -exec rm -rf {} +
 # Tests that need the workstation toolchain (torch, transformers, tools/) stay on x86.
 TESTS=$(cd "$REPO" && grep -L -E '^\s*(from|import) (tools|torch|transformers)\b|selenium' tests/test_*.py | tr '\n' ' ')
