@@ -55,9 +55,19 @@ class PipelineRunner:
 
         torch.set_num_threads(threads)
         self.pipe = pipeline("fill-mask", model=checkpoint, tokenizer=checkpoint, device="cpu", top_k=5)
+        self.max_positions = _max_positions(Path(checkpoint) / "config.json")
 
     def answer(self, text: str) -> Any:
-        """Top-5 per mask (disjoint per-mask results for several masks)."""
+        """Top-5 per mask (disjoint per-mask results for several masks). A text longer
+        than the model's positions is cut to a window around its first mask, as the
+        other systems do (the pipeline itself fails on it: the default model has 64
+        positions, the long inputs 128 tokens)."""
+        tokenizer = self.pipe.tokenizer
+        if self.max_positions is not None:
+            ids = tokenizer(text)["input_ids"]
+            if len(ids) > self.max_positions:
+                window = _window(ids, tokenizer.mask_token_id, self.max_positions)
+                text = tokenizer.decode(window[1:-1])
         return self.pipe(text)
 
 
