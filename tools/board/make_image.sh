@@ -156,7 +156,10 @@ apt_install() {  # apt_install ROOT PACKAGES...: from Debian's archive, no recom
     fi
     in_root "$root" apt-get update -q >> "$root.apt.log" 2>&1 \
         || { tail -20 "$root.apt.log"; die "apt-get update failed inside $root (log: $root.apt.log)"; }
-    in_root "$root" apt-get install -y -q --no-install-recommends \
+    # INITRD=No: the kernel package's hook makes no initramfs while the packages go in
+    # (initramfs-tools' trigger then has none to update); the base stage makes it
+    # once, after everything is installed (update-initramfs -c below).
+    in_root "$root" INITRD=No apt-get install -y -q --no-install-recommends \
         -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "$@" >> "$root.apt.log" 2>&1 \
         || { tail -30 "$root.apt.log"; die "apt-get install failed inside $root (log: $root.apt.log)"; }
     in_root "$root" apt-get clean
@@ -215,6 +218,23 @@ EOF
         virtio_mmio virtio_blk virtio_pci virtio_console >> "$BASE_CACHE/etc/initramfs-tools/modules"
     # shellcheck disable=SC2086
     apt_install "$BASE_CACHE" $BASE_PACKAGES
+    lap
+    # One initramfs per kernel, made once all packages (and their initramfs hooks) are
+    # in: before, the kernel's hook made one and initramfs-tools' trigger made it
+    # again (~15 min each under qemu user-mode). Its post-update hook is
+    # raspi-firmware's, which fills /boot/firmware (kernel, initrd, dtbs, config.txt,
+    # cmdline.txt).
+    step "update-initramfs -c -k all (once, after the packages)"
+    mount_api "$BASE_CACHE"
+    in_root "$BASE_CACHE" update-initramfs -c -k all >> "$BASE_CACHE.apt.log" 2>&1 \
+        || { tail -20 "$BASE_CACHE.apt.log"; die "update-initramfs failed inside $BASE_CACHE (log: $BASE_CACHE.apt.log)"; }
+    cleanup
+    echo "    initramfs generations in the log: $(grep -c 'update-initramfs: Generating' "$BASE_CACHE.apt.log")"
+    for k in "$BASE_CACHE"/boot/vmlinuz-*; do
+        k=${k##*/vmlinuz-}
+        [ -f "$BASE_CACHE/boot/firmware/initrd.img-$k" ] && [ -f "$BASE_CACHE/boot/firmware/vmlinuz-$k" ] \
+            || die "no initrd.img-$k / vmlinuz-$k in $BASE_CACHE/boot/firmware after update-initramfs"
+    done
     rm -f "$BASE_CACHE/etc/dpkg/dpkg.cfg.d/00-fillmask-image-build"
     echo "$BASE_KEY" > "$BASE_CACHE/.fillmask-image-rootfs-done"
     echo "    $(du -sh "$BASE_CACHE" | cut -f1) in $BASE_CACHE"
