@@ -43,6 +43,8 @@ HOST_PYTHON=${PYTHON:-$REPO/.venv/bin/python}
 [ -x "$HOST_PYTHON" ] || HOST_PYTHON=python3
 
 die() { echo "make_image: error: $*" >&2; exit 2; }
+# shellcheck source=chroot_lib.sh
+. "$REPO/tools/board/chroot_lib.sh"
 while [ $# -gt 0 ]; do
     case "$1" in
         --archive) [ $# -ge 2 ] || die "--archive needs a file"; ARCHIVE=$(realpath "$2"); shift 2 ;;
@@ -70,55 +72,19 @@ packages() { sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$@" | tr -s ' \t' '\n' | s
 
 # -- 1. host tools ---------------------------------------------------------------------
 step "host tools"
-missing=()
-command -v debootstrap >/dev/null || missing+=(debootstrap)
-command -v qemu-aarch64-static >/dev/null || missing+=(qemu-user-static)
-command -v update-binfmts >/dev/null || missing+=(binfmt-support)
-command -v mkfs.vfat >/dev/null || missing+=(dosfstools)
-command -v mcopy >/dev/null || missing+=(mtools)
-command -v sfdisk >/dev/null || missing+=(fdisk)
-command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)
-command -v bmaptool >/dev/null || missing+=(bmap-tools)
-command -v xz >/dev/null || missing+=(xz-utils)
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "    installing ${missing[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
-BINFMT=/proc/sys/fs/binfmt_misc
-[ -e $BINFMT/register ] || mount -t binfmt_misc binfmt_misc $BINFMT
-if ! grep -qs '^enabled' $BINFMT/qemu-aarch64; then
-    update-binfmts --import qemu-aarch64 >/dev/null 2>&1 || true
-    update-binfmts --enable qemu-aarch64 >/dev/null 2>&1 || true
-fi
-grep -qs '^enabled' $BINFMT/qemu-aarch64 || die "could not enable the qemu-aarch64 binfmt handler"
-grep -qs 'flags: .*F' $BINFMT/qemu-aarch64 || die "qemu-aarch64 binfmt handler lacks the F flag (needed inside a chroot)"
+need_tools debootstrap:debootstrap qemu-aarch64-static:qemu-user-static update-binfmts:binfmt-support \
+    mkfs.vfat:dosfstools mcopy:mtools sfdisk:fdisk mkfs.ext4:e2fsprogs bmaptool:bmap-tools xz:xz-utils
+enable_qemu_binfmt
 lap
 
-# Mounts inside a root, undone on exit (in reverse order).
-MOUNTS=()
+# Mounts inside a root (MOUNTS, mount_api: chroot_lib.sh) and loop devices, undone on exit.
 LOOPS=()
 cleanup() {
-    local i
-    for (( i=${#MOUNTS[@]}-1; i>=0; i-- )); do umount -l "${MOUNTS[$i]}" 2>/dev/null || true; done
-    MOUNTS=()
+    umount_all
     for l in "${LOOPS[@]}"; do losetup -d "$l" 2>/dev/null || true; done
     LOOPS=()
 }
 trap cleanup EXIT
-mount_api() {  # proc sys dev dev/pts into root $1
-    local root=$1 fs
-    for fs in proc sys dev dev/pts; do
-        mountpoint -q "$root/$fs" && continue
-        case $fs in
-            proc) mount -t proc proc "$root/proc" ;;
-            sys) mount -t sysfs sysfs "$root/sys" ;;
-            dev) mount --bind /dev "$root/dev" ;;
-            dev/pts) mount --bind /dev/pts "$root/dev/pts" ;;
-        esac
-        MOUNTS+=("$root/$fs")
-    done
-}
 in_root() {  # in_root ROOT CMD...
     local root=$1; shift
     "${NICE[@]}" chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
