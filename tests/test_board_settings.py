@@ -224,7 +224,7 @@ def test_package_lists_and_scripts():
     base = (IMAGE / "packages.txt").read_text()
     for pkg in ("raspi-firmware", "linux-image-arm64", "fonts-wqy-microhei", "fonts-noto-color-emoji", "python3"):
         assert f"\n{pkg}\n" in base
-    for script in ("make_image.sh", "image_check.sh"):
+    for script in ("make_image.sh", "image_check.sh", "chroot_lib.sh"):
         path = REPO / "tools" / "board" / script
         assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
     assert subprocess.run(["sh", "-n", str(IMAGE / "firstboot.sh")]).returncode == 0

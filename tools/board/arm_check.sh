@@ -33,6 +33,8 @@ HOST_PYTHON=${PYTHON:-$REPO/.venv/bin/python}
 [ -x "$HOST_PYTHON" ] || HOST_PYTHON=python3
 
 die() { echo "arm_check: error: $*" >&2; exit 2; }
+# shellcheck source=chroot_lib.sh
+. "$REPO/tools/board/chroot_lib.sh"
 while [ $# -gt 0 ]; do
     case "$1" in
         --archive) ARCHIVE=$(realpath "$2"); shift 2 ;;
@@ -56,22 +58,8 @@ NICE=(nice -n 19)
 
 # -- 1. tools and binfmt -----------------------------------------------------------
 step "host tools"
-missing=()
-command -v debootstrap >/dev/null || missing+=(debootstrap)
-command -v qemu-aarch64-static >/dev/null || missing+=(qemu-user-static)
-command -v update-binfmts >/dev/null || missing+=(binfmt-support)
-if [ ${#missing[@]} -gt 0 ]; then
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
-BINFMT=/proc/sys/fs/binfmt_misc
-[ -e $BINFMT/register ] || mount -t binfmt_misc binfmt_misc $BINFMT
-if ! grep -qs '^enabled' $BINFMT/qemu-aarch64; then
-    update-binfmts --import qemu-aarch64 >/dev/null 2>&1 || true
-    update-binfmts --enable qemu-aarch64 >/dev/null 2>&1 || true
-fi
-grep -qs '^enabled' $BINFMT/qemu-aarch64 || die "could not enable the qemu-aarch64 binfmt handler"
-grep -qs 'flags: .*F' $BINFMT/qemu-aarch64 || die "qemu-aarch64 binfmt handler lacks the F flag (needed inside a chroot)"
+need_tools debootstrap:debootstrap qemu-aarch64-static:qemu-user-static update-binfmts:binfmt-support
+enable_qemu_binfmt
 lap
 
 # -- 2. the arm64 root ---------------------------------------------------------------
@@ -87,23 +75,12 @@ else
 fi
 echo "    $(chroot "$ARM_ROOT" uname -m), $(chroot "$ARM_ROOT" python3 --version), $(chroot "$ARM_ROOT" sh -c '. /etc/os-release; echo $PRETTY_NAME')"
 
-MOUNTS=()
 cleanup() {
-    local i
     umount "$ARM_ROOT/proc/cpuinfo" 2>/dev/null || true
-    for (( i=${#MOUNTS[@]}-1; i>=0; i-- )); do umount -l "${MOUNTS[$i]}" 2>/dev/null || true; done
+    umount_all
 }
 trap cleanup EXIT
-for fs in proc sys dev dev/pts; do
-    mountpoint -q "$ARM_ROOT/$fs" && continue
-    case $fs in
-        proc) mount -t proc proc "$ARM_ROOT/proc" ;;
-        sys) mount -t sysfs sysfs "$ARM_ROOT/sys" ;;
-        dev) mount --bind /dev "$ARM_ROOT/dev" ;;
-        dev/pts) mount --bind /dev/pts "$ARM_ROOT/dev/pts" ;;
-    esac
-    MOUNTS+=("$ARM_ROOT/$fs")
-done
+mount_api "$ARM_ROOT"
 # qemu 7.2 (Bookworm) shows ARM programs the host's x86 /proc/cpuinfo, and
 # ONNX Runtime's CPU detection (pytorch/cpuinfo) crashes on it at import. A board
 # has an ARM one: bind a Raspberry Pi-like /proc/cpuinfo matching the emulated core

@@ -43,6 +43,8 @@ HOST_PYTHON=${PYTHON:-$REPO/.venv/bin/python}
 [ -x "$HOST_PYTHON" ] || HOST_PYTHON=python3
 
 die() { echo "make_image: error: $*" >&2; exit 2; }
+# shellcheck source=chroot_lib.sh
+. "$REPO/tools/board/chroot_lib.sh"
 while [ $# -gt 0 ]; do
     case "$1" in
         --archive) [ $# -ge 2 ] || die "--archive needs a file"; ARCHIVE=$(realpath "$2"); shift 2 ;;
@@ -70,55 +72,19 @@ packages() { sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$@" | tr -s ' \t' '\n' | s
 
 # -- 1. host tools ---------------------------------------------------------------------
 step "host tools"
-missing=()
-command -v debootstrap >/dev/null || missing+=(debootstrap)
-command -v qemu-aarch64-static >/dev/null || missing+=(qemu-user-static)
-command -v update-binfmts >/dev/null || missing+=(binfmt-support)
-command -v mkfs.vfat >/dev/null || missing+=(dosfstools)
-command -v mcopy >/dev/null || missing+=(mtools)
-command -v sfdisk >/dev/null || missing+=(fdisk)
-command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)
-command -v bmaptool >/dev/null || missing+=(bmap-tools)
-command -v xz >/dev/null || missing+=(xz-utils)
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "    installing ${missing[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
-BINFMT=/proc/sys/fs/binfmt_misc
-[ -e $BINFMT/register ] || mount -t binfmt_misc binfmt_misc $BINFMT
-if ! grep -qs '^enabled' $BINFMT/qemu-aarch64; then
-    update-binfmts --import qemu-aarch64 >/dev/null 2>&1 || true
-    update-binfmts --enable qemu-aarch64 >/dev/null 2>&1 || true
-fi
-grep -qs '^enabled' $BINFMT/qemu-aarch64 || die "could not enable the qemu-aarch64 binfmt handler"
-grep -qs 'flags: .*F' $BINFMT/qemu-aarch64 || die "qemu-aarch64 binfmt handler lacks the F flag (needed inside a chroot)"
+need_tools debootstrap:debootstrap qemu-aarch64-static:qemu-user-static update-binfmts:binfmt-support \
+    mkfs.vfat:dosfstools mcopy:mtools sfdisk:fdisk mkfs.ext4:e2fsprogs bmaptool:bmap-tools xz:xz-utils
+enable_qemu_binfmt
 lap
 
-# Mounts inside a root, undone on exit (in reverse order).
-MOUNTS=()
+# Mounts inside a root (MOUNTS, mount_api: chroot_lib.sh) and loop devices, undone on exit.
 LOOPS=()
 cleanup() {
-    local i
-    for (( i=${#MOUNTS[@]}-1; i>=0; i-- )); do umount -l "${MOUNTS[$i]}" 2>/dev/null || true; done
-    MOUNTS=()
+    umount_all
     for l in "${LOOPS[@]}"; do losetup -d "$l" 2>/dev/null || true; done
     LOOPS=()
 }
 trap cleanup EXIT
-mount_api() {  # proc sys dev dev/pts into root $1
-    local root=$1 fs
-    for fs in proc sys dev dev/pts; do
-        mountpoint -q "$root/$fs" && continue
-        case $fs in
-            proc) mount -t proc proc "$root/proc" ;;
-            sys) mount -t sysfs sysfs "$root/sys" ;;
-            dev) mount --bind /dev "$root/dev" ;;
-            dev/pts) mount --bind /dev/pts "$root/dev/pts" ;;
-        esac
-        MOUNTS+=("$root/$fs")
-    done
-}
 in_root() {  # in_root ROOT CMD...
     local root=$1; shift
     "${NICE[@]}" chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
@@ -156,7 +122,10 @@ apt_install() {  # apt_install ROOT PACKAGES...: from Debian's archive, no recom
     fi
     in_root "$root" apt-get update -q >> "$root.apt.log" 2>&1 \
         || { tail -20 "$root.apt.log"; die "apt-get update failed inside $root (log: $root.apt.log)"; }
-    in_root "$root" apt-get install -y -q --no-install-recommends \
+    # INITRD=No: the kernel package's hook makes no initramfs while the packages go in
+    # (initramfs-tools' trigger then has none to update); the base stage makes it
+    # once, after everything is installed (update-initramfs -c below).
+    in_root "$root" INITRD=No apt-get install -y -q --no-install-recommends \
         -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "$@" >> "$root.apt.log" 2>&1 \
         || { tail -30 "$root.apt.log"; die "apt-get install failed inside $root (log: $root.apt.log)"; }
     in_root "$root" apt-get clean
@@ -215,6 +184,23 @@ EOF
         virtio_mmio virtio_blk virtio_pci virtio_console >> "$BASE_CACHE/etc/initramfs-tools/modules"
     # shellcheck disable=SC2086
     apt_install "$BASE_CACHE" $BASE_PACKAGES
+    lap
+    # One initramfs per kernel, made once all packages (and their initramfs hooks) are
+    # in: before, the kernel's hook made one and initramfs-tools' trigger made it
+    # again (~15 min each under qemu user-mode). Its post-update hook is
+    # raspi-firmware's, which fills /boot/firmware (kernel, initrd, dtbs, config.txt,
+    # cmdline.txt).
+    step "update-initramfs -c -k all (once, after the packages)"
+    mount_api "$BASE_CACHE"
+    in_root "$BASE_CACHE" update-initramfs -c -k all >> "$BASE_CACHE.apt.log" 2>&1 \
+        || { tail -20 "$BASE_CACHE.apt.log"; die "update-initramfs failed inside $BASE_CACHE (log: $BASE_CACHE.apt.log)"; }
+    cleanup
+    echo "    initramfs generations in the log: $(grep -c 'update-initramfs: Generating' "$BASE_CACHE.apt.log")"
+    for k in "$BASE_CACHE"/boot/vmlinuz-*; do
+        k=${k##*/vmlinuz-}
+        [ -f "$BASE_CACHE/boot/firmware/initrd.img-$k" ] && [ -f "$BASE_CACHE/boot/firmware/vmlinuz-$k" ] \
+            || die "no initrd.img-$k / vmlinuz-$k in $BASE_CACHE/boot/firmware after update-initramfs"
+    done
     rm -f "$BASE_CACHE/etc/dpkg/dpkg.cfg.d/00-fillmask-image-build"
     echo "$BASE_KEY" > "$BASE_CACHE/.fillmask-image-rootfs-done"
     echo "    $(du -sh "$BASE_CACHE" | cut -f1) in $BASE_CACHE"
