@@ -224,6 +224,10 @@ def test_package_lists_and_scripts():
     base = (IMAGE / "packages.txt").read_text()
     for pkg in ("raspi-firmware", "linux-image-arm64", "fonts-wqy-microhei", "fonts-noto-color-emoji", "python3"):
         assert f"\n{pkg}\n" in base
+    kiosk = (IMAGE / "packages-kiosk.txt").read_text()
+    # cage needs Xwayland, and polkit for logind to give it the display (seen live).
+    for pkg in ("cage", "chromium", "xwayland", "polkitd"):
+        assert f"\n{pkg}\n" in kiosk
     for script in ("make_image.sh", "image_check.sh", "chroot_lib.sh"):
         path = REPO / "tools" / "board" / script
         assert subprocess.run(["bash", "-n", str(path)]).returncode == 0

@@ -219,3 +219,61 @@ def test_install_refuses_the_wrong_machine_clearly(tmp_path):
     result = subprocess.run(["sh", str(ROOT / "tools/board/install.sh")], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "run as root" in result.stderr or "aarch64" in result.stderr, result.stderr
+
+
+def kiosk_shell(key: str) -> str:
+    """The shell script of a kiosk unit's Exec line (/bin/sh -c '...'), $$ as $."""
+    (line,) = read_unit(KIOSK)[f"Service.{key}"]
+    argv = shlex.split(line)
+    assert argv[:2] == ["/bin/sh", "-c"], argv
+    return argv[2].replace("$$", "$")
+
+
+def test_kiosk_can_reach_its_wayland_socket():
+    # ProtectHome= also hides /run/user, the login session's XDG_RUNTIME_DIR, where
+    # cage makes its Wayland socket ("Unable to open Wayland socket" under make
+    # image-check KIOSK=1 when it was set).
+    unit = read_unit(KIOSK)
+    assert "Service.ProtectHome" not in unit or unit["Service.ProtectHome"] == ["no"]
+    assert unit["Service.InaccessiblePaths"] == ["-/home -/root"]
+    assert unit["Service.PAMName"] == ["login"]  # the session that gives cage its seat
+
+
+@pytest.mark.parametrize("result, status, software", [
+    ("signal", "SEGV", True), ("core-dump", "SEGV", True), ("signal", "ABRT", False),
+    ("exit-code", "1", False), ("success", "0", False)])
+def test_kiosk_falls_back_to_software_rendering_after_a_crash(tmp_path, result, status, software):
+    unit = read_unit(KIOSK)
+    assert unit["Service.RuntimeDirectory"] == ["fillmask-kiosk"]
+    assert unit["Service.RuntimeDirectoryPreserve"] == ["restart"]
+    env = dict(os.environ, SERVICE_RESULT=result, EXIT_STATUS=status, RUNTIME_DIRECTORY=str(tmp_path))
+    subprocess.run(["sh", "-c", kiosk_shell("ExecStopPost")], env=env, check=True, timeout=30)
+    assert (tmp_path / "software-rendering").exists() == software
+    start = kiosk_shell("ExecStart")
+    assert 'if [ -e "${RUNTIME_DIRECTORY}/software-rendering" ]; then export WLR_RENDERER=pixman; fi;' in start
+    assert start.index("WLR_RENDERER") < start.index("exec /usr/bin/cage")
+
+
+@pytest.mark.parametrize("token, marked", [("s3cret-Token", True), ("", False)])
+def test_kiosk_start_opens_the_page_with_the_token_and_renderer(tmp_path, token, marked):
+    """The ExecStart script with a fake cage and chromium: the URL (with #token= when
+    one is set, so the page can ask the API) and the renderer cage gets."""
+    fake_cage = tmp_path / "cage"
+    fake_cage.write_text('#!/bin/sh\necho "renderer=${WLR_RENDERER:-gles2}"\nfor a in "$@"; do echo "$a"; done\n')
+    fake_cage.chmod(0o755)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "chromium").write_text("#!/bin/sh\n")
+    (bin_dir / "chromium").chmod(0o755)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    if marked:
+        (run_dir / "software-rendering").touch()
+    script = kiosk_shell("ExecStart").replace(VENV_PYTHON, "true").replace("/usr/bin/cage", str(fake_cage))
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "FILLMASK_PORT": "8000", "FILLMASK_API_TOKEN": token,
+           "RUNTIME_DIRECTORY": str(run_dir)}
+    out = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=30, check=True).stdout
+    lines = out.splitlines()
+    assert lines[0] == f"renderer={'pixman' if marked else 'gles2'}"
+    assert lines[-1] == "http://127.0.0.1:8000/" + (f"#token={token}" if token else "")
+    assert "--kiosk" in lines and lines[lines.index("--") + 1] == str(bin_dir / "chromium")

@@ -22,6 +22,17 @@
 #   grown, machine-id, SSH host keys); no error lines from our units in the journal;
 #   then a bad value is written into fillmask.txt and the board rebooted: it comes
 #   back serving, the bad value is reported in the journal, the rest applied.
+# With --kiosk (the -kiosk image), the virt machine also gets a display (virtio-gpu),
+# a keyboard and a tablet (PCI), and the kiosk is checked live: its unit active and not
+# restarting (once at most: its fallback from the GPU to software rendering, which
+# qemu's virtio-gpu without 3D needs); cage and Chromium running as fillmask-kiosk on
+# http://127.0.0.1:8000/;
+# the page fetched and its script answered by the API with the token (the service's own
+# request counters: /api/info 200); the page
+# on the display: a screenshot taken through qemu's QMP (screendump) shows the page's
+# indigo header over its background (not a console, a blank screen or Chromium's
+# error page), kept as kiosk-screen.png; the fonts for its Chinese text and emoji
+# known to fontconfig; the kiosk active again after the reboot.
 # Exit status 0 only if every check passed. Logs in /var/tmp/fillmask-image-check/.
 set -euo pipefail
 
@@ -44,7 +55,7 @@ while [ $# -gt 0 ]; do
         --smp) SMP=$2; shift 2 ;;
         --keep) KEEP=yes; shift ;;
         --kiosk) VARIANT=-kiosk; shift ;;
-        -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,36p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
 done
@@ -70,6 +81,7 @@ check() {  # check NAME CONDITION-COMMAND... (DETAIL from $DETAIL)
     DETAIL=""
 }
 DETAIL=""
+KIOSK_TIMEOUT=900  # seconds from qemu's start for the kiosk page to be on the display
 
 # -- host tools ------------------------------------------------------------------------
 step "host tools"
@@ -150,6 +162,15 @@ lap
 free_port() { "$HOST_PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 HTTP_PORT=$(free_port); SSH_PORT=$(free_port)
 while [ "$SSH_PORT" = "$HTTP_PORT" ]; do SSH_PORT=$(free_port); done
+# The kiosk image gets a display, keyboard and tablet (virtio), and QMP for screenshots.
+KIOSK_DEVICES=()
+if [ "$VARIANT" = -kiosk ]; then
+    rm -f "$WORK/qmp.sock" "$WORK"/kiosk-screen.*
+    # PCI, not MMIO: qemu's virtio-mmio devices are legacy (virtio 0.9), and Linux's
+    # virtio-gpu and virtio-input drivers need virtio 1.0 (on MMIO their probe fails).
+    KIOSK_DEVICES=(-device virtio-gpu-pci -device virtio-keyboard-pci -device virtio-tablet-pci
+                   -qmp "unix:$WORK/qmp.sock,server=on,wait=off")
+fi
 # The kernel console on hvc0 (virtio, to a file): ttyAMA0 belongs to the serial unit.
 APPEND="root=LABEL=RASPIROOT rw rootwait fsck.repair=yes net.ifnames=0 console=hvc0"
 step "booting: qemu-system-aarch64 -M virt -cpu cortex-a72 -smp $SMP -m 2048 (TCG), http 127.0.0.1:$HTTP_PORT, ssh 127.0.0.1:$SSH_PORT"
@@ -162,7 +183,7 @@ nice -n 10 timeout $(( BOOT_TIMEOUT * 3 )) qemu-system-aarch64 -M virt -cpu cort
     -netdev user,id=net0,hostfwd=tcp:127.0.0.1:$HTTP_PORT-:8000,hostfwd=tcp:127.0.0.1:$SSH_PORT-:22 \
     -device virtio-net-device,netdev=net0 -device virtio-rng-device \
     -device virtio-serial-device -chardev file,id=con,path="$WORK/console.log" -device virtconsole,chardev=con \
-    -chardev pty,id=term -serial chardev:term -display none -monitor none \
+    -chardev pty,id=term -serial chardev:term -display none -monitor none "${KIOSK_DEVICES[@]}" \
     > "$WORK/qemu.log" 2>&1 &
 QEMU_PID=$!
 PTY=""
@@ -241,7 +262,8 @@ guest true; verdict "SSH with the key from fillmask.txt (ssh_key)" "ssh -p $SSH_
 ACTIVE=$(guest "systemctl is-active fillmask-edge.service" || true)
 [ "$ACTIVE" = active ]; verdict "HTTP unit active" "systemctl is-active fillmask-edge.service -> $ACTIVE"
 CODE=$(curl_api "http://127.0.0.1:$HTTP_PORT/healthz")
-[ "$CODE" = 200 ]; verdict "/healthz" "GET /healthz -> $CODE $(head -c 100 "$WORK/reply.json")"
+BODY=$(head -c 100 "$WORK/reply.json")
+[ "$CODE" = 200 ]; verdict "/healthz" "GET /healthz -> $CODE $BODY"
 CODE=$(predict "")
 [ "$CODE" = 401 ]; verdict "token required (api_token from fillmask.txt)" "POST /api/predict without the token -> $CODE"
 CODE=$(predict "$TOKEN")
@@ -268,8 +290,9 @@ EOF
 
 SHOW=$(guest "systemctl show fillmask-edge.service -p DynamicUser -p ProtectSystem -p NoNewPrivileges -p PrivateDevices -p SystemCallFilter -p MainPID" || true)
 printf '%s\n' "$SHOW" | cut -c1-100 | sed 's/^/      /'
+SHOWN=$(printf '%s\n' "$SHOW" | grep -E '^(DynamicUser|ProtectSystem)=' | tr '\n' ' ')
 has "$SHOW" '^DynamicUser=yes$' && has "$SHOW" '^ProtectSystem=strict$'
-verdict "hardening: DynamicUser=yes, ProtectSystem=strict" "$(printf '%s\n' "$SHOW" | grep -E '^(DynamicUser|ProtectSystem)=' | tr '\n' ' ')"
+verdict "hardening: DynamicUser=yes, ProtectSystem=strict" "$SHOWN"
 NCALLS=$(printf '%s\n' "$SHOW" | sed -n 's/^SystemCallFilter=//p' | wc -w)
 [ "$NCALLS" -gt 50 ]; verdict "hardening: SystemCallFilter in effect" "$NCALLS system calls in the allow-list"
 MAINPID=$(printf '%s\n' "$SHOW" | sed -n 's/^MainPID=//p')
@@ -331,9 +354,126 @@ MACHINE_ID=$(guest "cat /etc/machine-id" || true)
 NKEYS=$(guest "ls /etc/ssh/ssh_host_*_key | wc -l" || echo 0)
 has "$MACHINE_ID" '^[0-9a-f]{32}$' && [ "$NKEYS" -ge 3 ]
 verdict "first boot: machine-id and SSH host keys made" "machine-id $MACHINE_ID, $NKEYS SSH host keys"
+# -- the kiosk (the -kiosk image): live on the virtio-gpu display ----------------------------
+if [ "$VARIANT" = -kiosk ]; then
+    lap
+    step "the kiosk: cage + Chromium on the display (at most ${KIOSK_TIMEOUT}s from qemu's start)"
+    # The service's own counters: this script never asks for "/" or /api/info, so
+    # those are the kiosk's; /api/info answered 200 means the page's script sent the
+    # token (api_token is set: the unit opens the page with it).
+    page_seen() {
+        curl -sS -m 30 "http://127.0.0.1:$HTTP_PORT/metrics" 2>>"$WORK/curl.log" \
+            | grep -E '^fillmask_http_requests_total\{route="(/|/api/info)"' > "$WORK/kiosk-requests.txt"
+        grep -qE 'route="/",method="GET",status="(200|304)"\} [1-9]' "$WORK/kiosk-requests.txt" \
+            && grep -qE 'route="/api/info",method="GET",status="200"\} [1-9]' "$WORK/kiosk-requests.txt"
+    }
+    # A screenshot of the display through QMP (screendump, PPM), judged and kept as PNG:
+    # the page's header (#4f46e5) across the top with white text on it, and its
+    # background (#f4f5fb); a text console, a blank screen or Chromium's error page
+    # has neither.
+    screen_shows_page() {
+        "$HOST_PYTHON" - "$WORK/qmp.sock" "$WORK/kiosk-screen" <<'PY'
+import json, socket, struct, sys, zlib
+sock_path, stem = sys.argv[1], sys.argv[2]
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(60)
+s.connect(sock_path)
+f = s.makefile("rwb")
+def ask(command, **arguments):
+    f.write(json.dumps({"execute": command, "arguments": arguments}).encode() + b"\n"); f.flush()
+    while True:
+        reply = json.loads(f.readline())
+        if "return" in reply or "error" in reply:
+            return reply
+json.loads(f.readline())  # greeting
+ask("qmp_capabilities")
+reply = ask("screendump", filename=stem + ".ppm")
+if "error" in reply:
+    print(f"screendump: {reply['error']}"); sys.exit(1)
+data = open(stem + ".ppm", "rb").read()
+fields, pos = [], 0
+while len(fields) < 4:  # P6 width height maxval
+    while data[pos:pos + 1].isspace(): pos += 1
+    end = pos
+    while not data[end:end + 1].isspace(): end += 1
+    fields.append(data[pos:end]); pos = end
+pixels = data[pos + 1:]
+w, h = int(fields[1]), int(fields[2])
+rows = [pixels[y * w * 3:(y + 1) * w * 3] for y in range(h)]
+png = b"".join(b"\0" + r for r in rows)
+chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xffffffff)
+open(stem + ".png", "wb").write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+                                + chunk(b"IDAT", zlib.compress(png, 6)) + chunk(b"IEND", b""))
+near = lambda p, c, t: all(abs(a - b) <= t for a, b in zip(p, c))
+def share(y0, y1, colour, t):
+    n = hit = 0
+    for r in rows[y0:y1]:
+        for x in range(0, w, 2):
+            n += 1; hit += near(r[3 * x:3 * x + 3], colour, t)
+    return hit / max(n, 1)
+band = 0  # the page's header: the rows from the top mostly in its colour
+while band < h and share(band, band + 1, (0x4f, 0x46, 0xe5), 24) >= 0.4:
+    band += 1
+title = share(0, band, (255, 255, 255), 10) if band else 0.0  # its white title
+background = share(band, h, (0xf4, 0xf5, 0xfb), 6)  # the page around its panels
+panels = share(band, h, (0xff, 0xff, 0xff), 3)      # the white panels
+colours = len({rows[y][3 * x:3 * x + 3] for y in range(0, h, 4) for x in range(0, w, 4)})
+ok = (20 <= band <= h // 4 and 0.002 <= title < 0.5 and background >= 0.02
+      and background + panels >= 0.5 and colours >= 16)
+print(f"{w}x{h}: a {band}-row header band in the page's indigo with {title:.1%} white (its title); below it "
+      f"{background:.0%} page background, {panels:.0%} white panels; {colours} colours sampled -> "
+      f"{'the page' if ok else 'not the page'}")
+sys.exit(0 if ok else 1)
+PY
+    }
+    KIOSK_SHOWN=""; PAGE_FETCHED=""; SCREEN=""
+    while :; do
+        now=$(( $(date +%s) - ${BOOT_T0%.*} ))
+        [ -n "$PAGE_FETCHED" ] || { page_seen && PAGE_FETCHED=$now; }
+        if [ -n "$PAGE_FETCHED" ] && [ -S "$WORK/qmp.sock" ]; then
+            SCREEN=$(screen_shows_page 2>&1) && { KIOSK_SHOWN=$now; break; }
+        fi
+        [ "$now" -lt "$KIOSK_TIMEOUT" ] || break
+        kill -0 "$QEMU_PID" 2>/dev/null || break
+        sleep 15
+    done
+    # Active and not restarting; one restart only as the unit's fallback: the first
+    # start's compositor crashed on the GPU (qemu's virtio-gpu has no 3D) and the
+    # next one draws with the CPU (the software-rendering mark).
+    KIOSK_STATE=$(guest "systemctl show -p ActiveState -p SubState -p NRestarts fillmask-edge-kiosk.service; test -e /run/fillmask-kiosk/software-rendering && echo Renderer=pixman || echo Renderer=gles2" | tr '\n' ' ' || true)
+    has "$KIOSK_STATE" 'ActiveState=active' && has "$KIOSK_STATE" 'SubState=running' \
+        && { has "$KIOSK_STATE" 'NRestarts=0 ' || { has "$KIOSK_STATE" 'NRestarts=1 ' && has "$KIOSK_STATE" 'Renderer=pixman'; }; }
+    verdict "kiosk unit active, not restarting (at most the one restart into software rendering)" "$KIOSK_STATE"
+    # The kiosk user's processes (PAM's login session moves them out of the unit's
+    # cgroup, into session-N.scope): with what command line.
+    KIOSK_PROCS=$(guest 'for p in /proc/[0-9]*; do [ "$(stat -c %U $p 2>/dev/null)" = fillmask-kiosk ] && printf "%s %s\n" fillmask-kiosk "$(tr "\0" " " < $p/cmdline)"; done' || true)
+    printf '%s\n' "$KIOSK_PROCS" | grep -E 'cage|chromium' | cut -c1-150 | head -n 4 | sed 's/^/      /'
+    # (Each detail is computed before its test: a command substitution in verdict's
+    # arguments would reset the status that verdict reads.)
+    NCHROMIUM=$(printf '%s\n' "$KIOSK_PROCS" | grep -c chromium)
+    has "$KIOSK_PROCS" '^fillmask-kiosk /usr/bin/cage ' && has "$KIOSK_PROCS" '^fillmask-kiosk [^ ]*chromium.* http://127\.0\.0\.1:8000/'
+    verdict "kiosk: cage and Chromium running as fillmask-kiosk on http://127.0.0.1:8000/" \
+        "$NCHROMIUM chromium processes of the kiosk user"
+    REQUESTS=$(tr '\n' ' ' < "$WORK/kiosk-requests.txt" | sed 's/fillmask_http_requests_total//g')
+    [ -n "$PAGE_FETCHED" ]
+    verdict "kiosk: the page fetched and its script answered by the API with the token (the service's request counters)" \
+        "${REQUESTS:-no GET / in /metrics}${PAGE_FETCHED:+ (seen $PAGE_FETCHED s after qemu started)}"
+    [ -n "$KIOSK_SHOWN" ]
+    verdict "kiosk: the page on the display (QMP screendump, $WORK/kiosk-screen.png)" \
+        "${SCREEN:-no screenshot taken}${KIOSK_SHOWN:+; on screen $KIOSK_SHOWN s after qemu started}"
+    FONTS=$(guest 'fc-list :lang=zh family 2>/dev/null | head -n 1; echo "|"; fc-list :charset=1f52e family 2>/dev/null | head -n 1' | tr -d '\n' || true)
+    has "$FONTS" '^[^|]+\|[^|]+$'
+    verdict "kiosk: fontconfig has a Chinese font and an emoji font (fc-list :lang=zh, :charset=1f52e)" "$FONTS"
+    # cage's and Chromium's own lines are the kiosk user's (their session scope), the
+    # unit's are systemd's.
+    guest 'journalctl -b --no-pager -q -o cat -u fillmask-edge-kiosk.service | tail -n 6; journalctl -b --no-pager -q -o cat _UID=$(id -u fillmask-kiosk) | grep -v -e "^pam_" -e "^Reached target" | tail -n 8' \
+        | cut -c1-160 | sed 's/^/      kiosk journal: /' || true
+fi
+
 FAILED_UNITS=$(guest "systemctl --failed --no-legend --plain" || true)
 [ -z "$FAILED_UNITS" ]; verdict "no failed units" "${FAILED_UNITS:-none}"
 OUR_UNITS="-u fillmask-edge.service -u 'fillmask-edge-serial@*' -u fillmask-board-settings.service -u fillmask-firstboot.service"
+[ "$VARIANT" = -kiosk ] && OUR_UNITS="$OUR_UNITS -u fillmask-edge-kiosk.service"
 ERRORS=$(guest "journalctl -b --no-pager -q -p err $OUR_UNITS" || true)
 [ -z "$ERRORS" ]; verdict "no error lines from our units in the journal" "${ERRORS:-none} (journalctl -b -p err, fillmask-* units)"
 guest "journalctl -b --no-pager -q -o cat -u fillmask-firstboot.service -u fillmask-board-settings.service" | sed "s/$TOKEN/<token>/" | sed 's/^/      /' || true
@@ -364,6 +504,10 @@ BIND=$(guest "ss -ltnH 'sport = :8000' | awk '{print \$4}'" || true)
 verdict "the other settings still applied, the bad one left as it was" "hostname $HOSTNAME_NOW, service on $BIND"
 ERRORS=$(guest "journalctl -b --no-pager -q -p err $OUR_UNITS" | grep -v 'fillmask.txt: line [0-9]*: lan:' || true)
 [ -z "$ERRORS" ]; verdict "no other error lines from our units after the reboot" "${ERRORS:-none}"
+if [ "$VARIANT" = -kiosk ]; then
+    KIOSK_ACTIVE=$(guest "systemctl is-active fillmask-edge-kiosk.service" || true)
+    [ "$KIOSK_ACTIVE" = active ]; verdict "kiosk active again after the reboot" "$KIOSK_ACTIVE"
+fi
 FIRSTBOOT=$(guest "systemctl show -p ConditionResult --value fillmask-firstboot.service" || true)
 [ "$FIRSTBOOT" = no ]; verdict "first-boot unit skipped on the second boot" "ConditionResult=$FIRSTBOOT"
 lap

@@ -4,8 +4,8 @@
 #   sudo ./install.sh [--serial ttyUSB0]... [--kiosk] [--bundle NAME] [--no-start]
 #
 #   --serial DEV   also enable fillmask-edge-serial@DEV.service (repeatable)
-#   --kiosk        also enable the kiosk display unit (needs cage and chromium; brings
-#                  the CJK and emoji fonts with apt if they are missing)
+#   --kiosk        also enable the kiosk display unit (needs cage, chromium, xwayland
+#                  and polkitd; brings the CJK and emoji fonts with apt if they are missing)
 #   --bundle NAME  serve bundles/NAME from this archive instead of the embedded model
 #   --no-start     install and enable, but do not start anything (also in a chroot
 #                  without systemd running, e.g. building an SD-card image)

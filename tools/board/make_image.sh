@@ -287,6 +287,9 @@ sed "s/@KIOSK@/$( [ "$KIOSK" = yes ] && echo on || echo off)/" "$HERE/fillmask.t
 in_root "$ROOT" python3 /usr/local/lib/fillmask-edge/boot_settings.py check /boot/firmware/fillmask.txt \
     $( [ "$KIOSK" = yes ] && echo --kiosk) | sed 's/^/    fillmask.txt: /'
 echo fillmask > "$ROOT/etc/hostname"
+# The system locale (C.UTF-8 is built into glibc: no locales package): without this
+# file pam_env logs an error at every PAM session (the kiosk's, an SSH login).
+echo LANG=C.UTF-8 > "$ROOT/etc/default/locale"
 cat > "$ROOT/etc/hosts" <<'EOF'
 127.0.0.1	localhost
 127.0.1.1	fillmask
