@@ -50,6 +50,7 @@ from edge.blanks import find_blanks, window_start
 from edge.bundle import Bundle, BundleError, load_bundle
 from edge.cache import LRUCache
 from edge.fusion import LN10, MODEL_FLOOR, Candidate, Fusion
+from edge.idiom_context import IdiomContext, IdiomContextError
 from edge.manifest import ATTENTION_MASK, INPUT_IDS, MASK_POSITIONS
 from edge.memory import limit_malloc_retention
 from edge.ngram_lm import NgramLM, NgramLMError
@@ -67,6 +68,7 @@ UNUSED_RE = re.compile(r"^\[unused\d+\]$")
 OOV_LOGP = -20.0
 LM_FILE = "lm.bin"
 MEMORY_FILE = "memory.bin"
+IDIOMS_FILE = "idioms.bin"
 SOURCE_ORDER = ("model", "lm", "memory", "context")
 # A memory hit is quoted under its answer when at least this much context matched
 # (shorter matches are common phrases, not a line the text comes from).
@@ -250,22 +252,25 @@ class Engine:
     def _load_fusion(self) -> Fusion | None:
         """The bundle's word LM and phrase memory (None when it has neither)."""
         m = self.manifest
-        lm = memory = None
+        lm = memory = idioms = None
         try:
             if m.lm is not None:
                 lm = NgramLM(self.bundle.path / LM_FILE)
             if m.memory is not None:
                 memory = PhraseMemory(self.bundle.path / MEMORY_FILE)
-        except (NgramLMError, PhraseMemoryError) as exc:
+            if m.idioms is not None:
+                idioms = IdiomContext(self.bundle.path / IDIOMS_FILE)
+        except (NgramLMError, PhraseMemoryError, IdiomContextError) as exc:
             raise BundleError(str(exc)) from exc
         if lm is None and memory is None:
             return None
-        fusion = Fusion(lm, memory, m.fusion)
+        fusion = Fusion(lm, memory, m.fusion, idioms)
         fusion.prepare_word_tables(self.char_token)
         log.info(
-            "fusion: word LM %s, phrase memory %s, weights %s",
+            "fusion: word LM %s, phrase memory %s, idiom contexts %s, weights %s",
             f"{len(lm.words)} words, order {lm.order}" if lm else "none",
             f"{memory.characters} characters" if memory else "none",
+            f"{len(idioms)} idioms" if idioms else "none",
             "fitted" if fusion.settings.get("fitted") else "NOT fitted (defaults)",
         )
         return fusion
@@ -856,6 +861,7 @@ class Engine:
                 "enabled": self.config.fusion,
                 "lm": m.lm,
                 "memory": m.memory,
+                "idioms": m.idioms,
                 "fitted": bool(self.fusion.settings.get("fitted")),
                 "weights": self.fusion.settings["weights"],
             }

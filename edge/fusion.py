@@ -22,7 +22,8 @@ matches all of it; a random passage's blank rarely does), each of those times th
 register ``z`` of the context, the two cues of :mod:`edge.text_cues` (how much of
 the neighbourhood matched where the text repeats the filler; how many of its rare
 characters the text already has), whether the memory matched the most context on both
-sides and whether it matched all of the query, and for
+sides and whether it matched all of the query, for an idiom how typical the text
+near the blank is of it in the training corpus (:mod:`edge.idiom_context`), and for
 ``blank_length: "auto"`` the length —
 and a score ``w · f``. ``score`` in the answer is the softmax of those scores over the
 candidates and one "none of these" outcome with a fitted score, so that it stays a
@@ -41,6 +42,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from edge.idiom_context import IdiomContext
 from edge.ngram_lm import FillerScorer, NgramLM, han_context, is_han
 from edge.phrase_memory import MemoryHit, PhraseMemory
 from edge.text_cues import MAX_RARITY, cohesion, echoes
@@ -48,7 +50,7 @@ from edge.text_cues import MAX_RARITY, cohesion, echoes
 LN10 = math.log(10.0)
 FEATURES = ("model", "lm", "mem_context", "mem_best", "mem_best5", "mem_best7", "mem_best11", "mem_cover",
             "model_z", "lm_z", "mem_z", "model_oov", "len2", "len3", "len4",
-            "mem_two2", "mem_two3", "mem_whole", "echo", "cohesion")
+            "mem_two2", "mem_two3", "mem_whole", "echo", "cohesion", "assoc")
 # The filler holding a blank's longest memory match gets one of these indicators by the
 # length of that match: how far to trust it is far from linear in the length (held-apart
 # development blanks: the memory's best filler was right 17% of the time with 3-4
@@ -116,6 +118,7 @@ class Candidate:
     z: float = 0.0  # the register of the blank's context (see Fusion.register)
     echo: int = 0  # neighbour characters matched where the filler occurs elsewhere in the text
     cohesion: float = 0.0  # how much its characters echo the text (edge.text_cues.cohesion)
+    assoc: float = 0.0  # how typical the text near the blank is of this idiom (edge.idiom_context)
 
     @property
     def length(self) -> int:
@@ -144,11 +147,14 @@ def is_whole_line(hit: MemoryHit | None) -> bool:
 
 
 class Fusion:
-    """The word LM and the phrase memory of a bundle, and how to weigh them."""
+    """The word LM, the phrase memory and the idiom contexts of a bundle, and how to
+    weigh them."""
 
-    def __init__(self, lm: NgramLM | None, memory: PhraseMemory | None, settings: dict | None = None):
+    def __init__(self, lm: NgramLM | None, memory: PhraseMemory | None, settings: dict | None = None,
+                 idioms: IdiomContext | None = None):
         self.lm = lm
         self.memory = memory
+        self.idioms = idioms
         self.settings = settings_of(settings)
         self.context_chars = int(self.settings["context_chars"])
         self.limits = self.settings["candidates"]
@@ -341,14 +347,18 @@ class Fusion:
     def add_text_cues(self, candidates: Sequence[Candidate], left_text: str, right_text: str,
                       echo: dict[int, dict[str, int]] | None = None) -> None:
         """Set each candidate's echo (from ``echo``: length → filler → characters matched,
-        computed here when not given) and cohesion with the query's text."""
+        computed here when not given), cohesion with the query's text and, for an idiom
+        of the bundle's idiom contexts, how typical the text near the blank is of it."""
         echo = dict(echo or {})
         chars = set(left_text) | set(right_text)
+        near = self.idioms.query(left_text, right_text) if self.idioms is not None else None
         for c in candidates:
             if c.length not in echo:
                 echo[c.length] = self.echoes(left_text, c.length, right_text)
             c.echo = echo[c.length].get(c.text, 0)
             c.cohesion = cohesion(c.text, chars, self.rarity)
+            if near is not None and c.length > 1:
+                c.assoc = self.idioms.score(c.text, near)
 
     def memory_hits(self, left_text: str, n: int, right_text: str) -> list[MemoryHit]:
         """The memory's fillers of ``n`` characters for this context."""
@@ -406,6 +416,7 @@ class Fusion:
                 1.0 if whole else 0.0,
                 min(c.echo, ECHO_CAP) / 4.0,
                 c.cohesion,
+                c.assoc,
             ])
         return np.array(rows, dtype=np.float64).reshape(len(rows), len(FEATURES))
 

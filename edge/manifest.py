@@ -84,6 +84,7 @@ class Manifest:
     # provenance and license, and the fitted weights that fuse them with the model.
     lm: dict[str, Any] | None = None
     memory: dict[str, Any] | None = None
+    idioms: dict[str, Any] | None = None  # the characters around each idiom (``idioms.bin``)
     fusion: dict[str, Any] | None = None
 
     # -- serialisation -------------------------------------------------------

@@ -29,6 +29,7 @@ COMMANDS = {
     "unbundle": ("tools.bundle.unbundle", "bundle → Hugging Face checkpoint folder (to train on from a shipped model)"),
     "lm": ("tools.knowledge.lm", "ARPA word n-gram LM → the bundle's lm.bin (convert); score a text with it"),
     "memory": ("tools.knowledge.memory", "training corpus → the bundle's exact phrase memory (build); look a blank up"),
+    "idioms": ("tools.knowledge.idioms", "training corpus → the characters around each idiom of the word LM (the bundle's idioms.bin)"),
     "fusion": ("tools.knowledge.fusion", "fit the weights that fuse model, word LM and memory (on development data)"),
     "ship": ("tools.bundle.ship", "install a bundle as the embedded default, with its measured accuracy"),
     "bench": ("tools.benchmark.bench", "side-by-side latency / memory benchmark"),

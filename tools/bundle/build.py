@@ -351,25 +351,35 @@ def add_arguments(parser) -> None:
     knowledge.add_argument("--memory", type=Path, default=None, metavar="CORPUS",
                            help="corpus folder whose training split becomes the phrase memory (memory.bin)")
     knowledge.add_argument("--memory-license-id", default="", help="SPDX id of the corpus's license")
+    knowledge.add_argument("--idioms", type=Path, default=None, metavar="CORPUS",
+                           help="corpus folder whose training split gives the characters around each of the "
+                                "LM's idioms (idioms.bin; needs --lm)")
     knowledge.add_argument("--no-fit", action="store_true",
                            help="keep the default fusion weights (otherwise fitted on the development data)")
 
 
 def add_knowledge(out: Path, lm: Path | None, memory: Path | None, lm_license_id: str = "",
-                  memory_license_id: str = "", fit: bool = True, random_init: bool = False) -> None:
-    """Give a built bundle its word LM and phrase memory, then fit the fusion weights
-    (not for random weights: a fit on them would mean nothing; the defaults stay)."""
+                  memory_license_id: str = "", fit: bool = True, random_init: bool = False,
+                  idioms: Path | None = None) -> None:
+    """Give a built bundle its word LM, phrase memory and idiom contexts, then fit the
+    fusion weights (not for random weights: a fit on them would mean nothing; the
+    defaults stay)."""
     from tools.knowledge.fusion import SHARED, fit_bundle
+    from tools.knowledge.idioms import add_idioms_to_bundle
     from tools.knowledge.lm import add_lm_to_bundle
     from tools.knowledge.memory import add_memory_to_bundle
 
-    for path, what in ((lm, "LM"), (memory, "memory corpus")):
+    for path, what in ((lm, "LM"), (memory, "memory corpus"), (idioms, "idioms corpus")):
         if path is not None and not Path(path).exists():
             raise ToolError(f"{path}: {what} not found")
+    if idioms is not None and lm is None:
+        raise ToolError("--idioms needs --lm: the idioms are the word LM's four-character words")
     if lm is not None:
         add_lm_to_bundle(out, lm, license_id=lm_license_id)
     if memory is not None:
         add_memory_to_bundle(out, memory, license_id=memory_license_id)
+    if idioms is not None:
+        add_idioms_to_bundle(out, idioms)
     if lm is None and memory is None:
         return
     if random_init or not fit:
@@ -384,9 +394,11 @@ def add_knowledge(out: Path, lm: Path | None, memory: Path | None, lm_license_id
 
 def run(args) -> int:
     """Build one bundle from the command line."""
-    for path, what in ((args.lm, "LM"), (args.memory, "memory corpus")):
+    for path, what in ((args.lm, "LM"), (args.memory, "memory corpus"), (args.idioms, "idioms corpus")):
         if path is not None and not Path(path).exists():
             raise ToolError(f"{path}: {what} not found")
+    if args.idioms is not None and args.lm is None:
+        raise ToolError("--idioms needs --lm: the idioms are the word LM's four-character words")
     build_bundle(
         source=args.source, out=args.out, vocab_size=args.vocab or None, corpus=args.corpus,
         random_init=args.random_init, seed=args.seed, revision=args.revision, name=args.name,
@@ -394,5 +406,5 @@ def run(args) -> int:
         use_cache=not args.no_cache, quantization=args.quantization, calibration=args.calibration,
     )
     add_knowledge(args.out, args.lm, args.memory, args.lm_license_id, args.memory_license_id,
-                  fit=not args.no_fit, random_init=args.random_init)
+                  fit=not args.no_fit, random_init=args.random_init, idioms=args.idioms)
     return 0

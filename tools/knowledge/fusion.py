@@ -38,10 +38,10 @@ SHARED = REPO.parent / "shared"
 _SHARED_FEATURES = ("model", "lm", "mem_context", "mem_best", "mem_best5", "mem_best7", "mem_best11", "mem_cover",
                     "model_z", "lm_z", "mem_z", "model_oov", "mem_two2", "mem_two3", "mem_whole", "echo", "cohesion")
 KIND_FEATURES = {
-    "char": _SHARED_FEATURES,
-    "word": _SHARED_FEATURES,
-    "auto": _SHARED_FEATURES + ("len2", "len3", "len4"),
-    "given": _SHARED_FEATURES,
+    "char": _SHARED_FEATURES,  # no idiom is one character: assoc is always 0 here
+    "word": _SHARED_FEATURES + ("assoc",),
+    "auto": _SHARED_FEATURES + ("len2", "len3", "len4", "assoc"),
+    "given": _SHARED_FEATURES + ("assoc",),
 }
 
 
