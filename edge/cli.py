@@ -156,7 +156,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="ONNX Runtime sessions sharing the threads, each running its own batch on its own cores "
              "(2 with 2 threads: two requests at once instead of each split over both cores)",
     )
-    group.add_argument("--spin", action="store_true", help="let ONNX Runtime threads spin (faster, burns idle CPU)")
+    group.add_argument(
+        "--spin", nargs="?", const="always", default="query", choices=("off", "query", "always"),
+        help="ONNX Runtime's threads busy-wait for work: only while a query runs (query, the default: "
+             "faster, no CPU between queries), also a while after it (always; a bare --spin), or never (off)",
+    )
     group.add_argument(
         "--batch-window-ms", type=float, default=2.0, help="how long to wait for more requests to batch together"
     )

@@ -412,3 +412,26 @@ def test_sessions_must_fit_the_threads(tiny_bundle_dir):
         Engine.from_bundle(tiny_bundle_dir, threads=2, sessions=3)
     with pytest.raises(ValueError, match="sessions must be a positive integer"):
         Engine.from_bundle(tiny_bundle_dir, threads=2, sessions=0)
+
+
+def test_spin_modes_answer_alike_and_a_bad_mode_is_refused(tiny_bundle_dir):
+    from edge.cli import build_parser
+    from edge.engine import spin_mode
+
+    assert [spin_mode(v) for v in (True, False, "query", "off", "always")] == \
+        ["always", "off", "query", "off", "always"]
+    answers = []
+    for mode in ("off", "query", "always"):
+        eng = Engine.from_bundle(tiny_bundle_dir, threads=2, spin=mode, batch_window_ms=0.0, cache_size=0)
+        try:
+            assert eng.info()["spin"] == mode
+            answers.append(eng.predict("今天天气很[MASK]。")["blanks"][0]["candidates"])
+        finally:
+            eng.close()
+    assert [c["text"] for c in answers[0]] == [c["text"] for c in answers[1]] == [c["text"] for c in answers[2]]
+    with pytest.raises(ValueError, match="spin must be one of"):
+        Engine.from_bundle(tiny_bundle_dir, threads=1, spin="sometimes")
+    parser = build_parser()
+    assert parser.parse_args(["serve"]).spin == "query"  # the default
+    assert parser.parse_args(["serve", "--spin"]).spin == "always"  # the old flag keeps its meaning
+    assert parser.parse_args(["serve", "--spin", "off"]).spin == "off"

@@ -46,7 +46,7 @@ def _header_lines(report: dict[str, Any]) -> list[str]:
         "- `ours` runs with the response cache off and a batch window of "
         f"{report['settings']['ours_window_ms']} ms (a lone query has nothing to wait for; the served default "
         "is 2 ms, measured in the load test). Plain ORT uses ONNX Runtime's default session options "
-        "(thread spinning on); ours keeps spinning off (a Pi would idle at 100% CPU).",
+        "(thread spinning on); ours spins only while a query runs (`--spin query`: nothing between queries).",
         "- 4-character blank: the pipeline and plain ORT make one pass and return disjoint per-position "
         "top-5 lists (what their users get); ours ranks whole 4-character candidates by joint probability "
         "(left-to-right beam search, beam 5: 4 session runs, 16 rows), so it does more work by design.",
