@@ -17,6 +17,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -89,6 +90,7 @@ class MicroBatcher:
         buckets: Sequence[int] = DEFAULT_BUCKETS,
         on_thread_start: Callable[[int], None] | None = None,
         busy: Callable[[], bool] | None = None,
+        by_length: bool = False,
     ):
         if window_ms < 0:
             raise ValueError(f"batch window must be >= 0 ms, got {window_ms}")
@@ -103,6 +105,7 @@ class MicroBatcher:
         self.buckets = tuple(buckets)
         self._on_thread_start = on_thread_start
         self._busy = busy
+        self.by_length = by_length
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._lock = threading.Lock()
         self.batches_total = 0
@@ -148,15 +151,31 @@ class MicroBatcher:
             }
 
     # -- worker ----------------------------------------------------------------
-    def _collect(self, first: _Request) -> tuple[list[_Request], bool, _Request | None]:
-        """Gather requests arriving within the window after ``first``; return them,
-        whether a stop mark was met, and a request that did not fit (next in line)."""
+    def _length(self, request: _Request) -> int:
+        """The bucket a request's rows pad to."""
+        return bucket_length(max(len(r.ids) for r in request.rows), self.buckets)
+
+    def _fits(self, request: _Request, rows: int, length: int | None) -> bool:
+        return rows + len(request.rows) <= self.max_rows and (length is None or self._length(request) == length)
+
+    def _collect(self, first: _Request, pending: deque) -> tuple[list[_Request], bool]:
+        """Gather requests arriving within the window after ``first``; return them and
+        whether a stop mark was met. Requests that do not fit (too many rows, or with
+        ``by_length`` another bucket) go to ``pending``, served before the queue."""
         batch = [first]
         rows = len(first.rows)
+        # By length: only requests padding to the first one's bucket join it. A 12-token
+        # query padded to 32 beside a 30-token one costs what a 32-token one does, and on a
+        # compute-bound model that ate what batching saves (see EngineConfig.batch_by_length).
+        length = self._length(first) if self.by_length else None
+        for item in [item for item in pending if self._fits(item, rows, length)]:
+            if self._fits(item, rows, length):  # earlier ones set aside go first
+                pending.remove(item)
+                batch.append(item)
+                rows += len(item.rows)
         wait = self.window_s if self._busy is None or self._busy() else 0.0
         deadline = time.monotonic() + wait
         stop = False
-        carry = None
         while rows < self.max_rows:
             remaining = deadline - time.monotonic()
             try:
@@ -166,32 +185,34 @@ class MicroBatcher:
             if item is None:
                 stop = True
                 break
-            if rows + len(item.rows) > self.max_rows:
-                # Doesn't fit: run it in the next batch, first in line.
-                carry = item
-                break
+            if not self._fits(item, rows, length):
+                # Doesn't fit: it runs in a later batch, ahead of the queue.
+                pending.append(item)
+                if length is None:
+                    break
+                continue
             batch.append(item)
             rows += len(item.rows)
-        return batch, stop, carry
+        return batch, stop
 
     def _worker(self, index: int) -> None:
         if self._on_thread_start is not None:
             self._on_thread_start(index)
-        carry: _Request | None = None
+        pending: deque = deque()
         stop = False
         while not stop:
-            first = carry if carry is not None else self._queue.get()
-            carry = None
+            first = pending.popleft() if pending else self._queue.get()
             if first is None:
                 break
-            batch, stop, carry = self._collect(first)
+            batch, stop = self._collect(first, pending)
             self._run(batch, index)
+        while pending:  # set aside before the stop mark: they were queued before close()
+            self._run([pending.popleft()], index)
         # Fail whatever is left so no caller waits forever (each worker took one stop
         # mark; another worker's mark goes back for it).
         while True:
             try:
-                item = carry or self._queue.get_nowait()
-                carry = None
+                item = pending.popleft() if pending else self._queue.get_nowait()
             except queue.Empty:
                 break
             if item is None:

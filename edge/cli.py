@@ -165,6 +165,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-window-ms", type=float, default=2.0, help="how long to wait for more requests to batch together"
     )
     group.add_argument("--max-batch", type=positive_int, default=16, help="most rows (sequences) per model run")
+    group.add_argument(
+        "--batch-by-length", choices=("auto", "on", "off"), default="auto",
+        help="batch only requests of the same padded length (auto: on for models of hidden size >= 512, "
+             "whose runs cost what their longest row does)",
+    )
     group.add_argument("--cache-size", type=int, default=1024, help="LRU cache entries (0 disables the cache)")
     group.add_argument(
         "--max-request-rows", type=positive_int, default=400,
@@ -240,6 +245,7 @@ def load_engine(args: argparse.Namespace) -> Any:
         spin=args.spin,
         batch_window_ms=args.batch_window_ms,
         max_batch=args.max_batch,
+        batch_by_length={"auto": None, "on": True, "off": False}[args.batch_by_length],
         cache_size=args.cache_size,
         fusion=not args.no_fusion,
         max_request_rows=args.max_request_rows,

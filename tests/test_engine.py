@@ -435,3 +435,36 @@ def test_spin_modes_answer_alike_and_a_bad_mode_is_refused(tiny_bundle_dir):
     assert parser.parse_args(["serve"]).spin == "query"  # the default
     assert parser.parse_args(["serve", "--spin"]).spin == "always"  # the old flag keeps its meaning
     assert parser.parse_args(["serve", "--spin", "off"]).spin == "off"
+
+
+@pytest.mark.parametrize("by_length", [False, True])
+def test_batching_by_length_keeps_buckets_apart_and_answers_everyone(by_length):
+    from edge.batcher import MicroBatcher, Row
+
+    seen: list[tuple[int, int]] = []  # (rows, padded length) of each run
+    started, gate = threading.Event(), threading.Event()
+
+    def run(ids, mask, positions):
+        started.set()
+        gate.wait(5)  # the first run holds the worker while the others queue up
+        seen.append(ids.shape)
+        return np.repeat(mask.sum(axis=1, keepdims=True)[:, :, None], 3, axis=2).astype(np.float32)
+
+    batcher = MicroBatcher(run, pad_id=0, window_ms=0.0, max_rows=16, buckets=(8, 16, 32), by_length=by_length)
+    try:
+        blocker = batcher.submit_async([Row(ids=[1] * 3, positions=[0])])
+        assert started.wait(5)
+        lengths = [5, 30, 6, 12, 7, 31, 14]
+        futures = [batcher.submit_async([Row(ids=[1] * n, positions=[0])]) for n in lengths]
+        gate.set()
+        answers = [f.result(timeout=10)[0][0, 0] for f in futures]
+        assert blocker.result(timeout=10)[0][0, 0] == 3
+    finally:
+        batcher.close()
+    assert answers == lengths  # each row got its own logits back, whatever its batch
+    if by_length:
+        # first come first served by bucket: the 8s with the first (5), then the 32s with
+        # the oldest set aside (30), then the 16s; never a 5-token row padded to 32
+        assert seen[1:] == [(3, 8), (2, 32), (2, 16)]
+    else:
+        assert seen[1:] == [(7, 32)]  # everything queued ran together, padded to the longest
