@@ -12,6 +12,7 @@ import random
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -102,7 +103,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802 - http.server's naming
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).seen.append(body["text"])
-        status, payload = (500, b'{"error": "boom"}') if type(self).fail else (200, b'{"blanks": []}')
+        if not type(self).fail:
+            time.sleep(0.03)  # an "engine" that takes 30 ms, and says so in elapsed_ms
+        status, payload = (500, b'{"error": "boom"}') if type(self).fail else (200, b'{"blanks": [], "elapsed_ms": 30.0}')
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
@@ -131,6 +134,8 @@ def test_run_rate_offers_the_rate_and_counts_answers(http_server):
     assert sorted(_Handler.seen) == sorted(f"第{i}个[MASK]" for i in range(20))
     assert 0 < result.p50_ms <= result.p99_ms < 1000
     assert 20 < result.achieved_rps < 60
+    # what HTTP adds: the round trip minus the 30 ms the answer says the engine took
+    assert 0 <= result.http_overhead_p50_ms <= result.p50_ms - 29
 
 
 def test_run_rate_counts_http_errors(http_server):

@@ -71,6 +71,7 @@ class _Outcome:
     status: int = 0
     error: str = ""
     shed: bool = False
+    engine_ms: float | None = None  # the answer's own elapsed_ms (the engine's time)
 
 
 @dataclass
@@ -91,6 +92,9 @@ class RateResult:
     mean_send_lag_ms: float
     shed: int = 0  # answered 503 "overloaded" by the admission gate (not errors: the service said so at once)
     shed_p99_ms: float = float("nan")  # how fast those refusals came back
+    # Per answered request: its round trip (sent to answered, a fresh connection each) minus
+    # the engine's own elapsed_ms in the answer: what HTTP, JSON, admission and logging add.
+    http_overhead_p50_ms: float = float("nan")
     server_rss_before_mb: float | None = None
     server_rss_after_mb: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -122,8 +126,12 @@ def run_rate(host: str, port: int, texts: Callable[[int], str], rate: float, dur
                 out.shed = True
             elif status != 200:
                 out.error = f"HTTP {status}: {body[:120]!r}"
-            elif "blanks" not in json.loads(body):
-                out.error = f"200 without blanks: {body[:120]!r}"
+            else:
+                answer = json.loads(body)
+                if "blanks" not in answer:
+                    out.error = f"200 without blanks: {body[:120]!r}"
+                elif isinstance(answer.get("elapsed_ms"), (int, float)):
+                    out.engine_ms = float(answer["elapsed_ms"])
         except Exception as exc:  # noqa: BLE001 - every failure is an error to count, not to raise
             out.error = f"{type(exc).__name__}: {exc}"
         out.done = time.perf_counter()
@@ -164,6 +172,8 @@ def run_rate(host: str, port: int, texts: Callable[[int], str], rate: float, dur
         mean_send_lag_ms=1000 * sum(o.sent - o.scheduled for o in finished) / max(1, len(finished)),
         shed=len(shed),
         shed_p99_ms=percentile([(o.done - o.scheduled) * 1000 for o in shed], 99),
+        http_overhead_p50_ms=percentile([(o.done - o.sent) * 1000 - o.engine_ms for o in ok
+                                         if o.engine_ms is not None], 50),
     )
 
 
