@@ -186,9 +186,11 @@ class MicroBatcher:
                 stop = True
                 break
             if not self._fits(item, rows, length):
-                # Doesn't fit: it runs in a later batch, ahead of the queue.
+                # Doesn't fit: it runs in a later batch, ahead of the queue. A lone worker
+                # looks on for more of its length; with several, the rest of the queue stays
+                # there for the others (set aside here, only this worker could take it).
                 pending.append(item)
-                if length is None:
+                if length is None or len(self.runners) > 1:
                     break
                 continue
             batch.append(item)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import shutil
 import threading
+import time
 
 import numpy as np
 import onnxruntime as ort
@@ -468,3 +469,20 @@ def test_batching_by_length_keeps_buckets_apart_and_answers_everyone(by_length):
         assert seen[1:] == [(3, 8), (2, 32), (2, 16)]
     else:
         assert seen[1:] == [(7, 32)]  # everything queued ran together, padded to the longest
+
+
+def test_batching_by_length_with_two_workers_answers_everyone():
+    from edge.batcher import MicroBatcher, Row
+
+    def run(ids, mask, positions):
+        time.sleep(0.002)
+        return np.repeat(mask.sum(axis=1, keepdims=True)[:, :, None], 3, axis=2).astype(np.float32)
+
+    batcher = MicroBatcher([run, run], pad_id=0, window_ms=1.0, max_rows=4, buckets=(8, 16, 32), by_length=True)
+    try:
+        lengths = [(i * 7) % 31 + 1 for i in range(60)]
+        futures = [batcher.submit_async([Row(ids=[1] * n, positions=[0])]) for n in lengths]
+        assert [f.result(timeout=10)[0][0, 0] for f in futures] == lengths
+        assert all(count > 0 for count in batcher.stats()["worker_batches"])  # both workers took work
+    finally:
+        batcher.close()

@@ -151,7 +151,7 @@ def _load_lines(report: dict[str, Any]) -> list[str]:
                   "p50/p99 are of the answered requests; `shed` are the 503 `overloaded` refusals of the "
                   "admission gate, with how fast they came back. `HTTP − engine` is the median over the "
                   "answered requests of each one's round trip (a fresh connection each) minus the engine time "
-                  "its answer reports (`elapsed_ms`).", "",
+                  "its answer reports (`elapsed_ms`); past capacity it includes the wait in the admission line.", "",
                   "| config | offered req/s | achieved req/s | p50 ms | p99 ms | shed (p99 ms) | errors "
                   "| HTTP − engine p50 ms | server RSS before → after |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
