@@ -168,8 +168,8 @@ class MicroBatcher:
         # query padded to 32 beside a 30-token one costs what a 32-token one does, and on a
         # compute-bound model that ate what batching saves (see EngineConfig.batch_by_length).
         length = self._length(first) if self.by_length else None
-        for item in [item for item in pending if self._fits(item, rows, length)]:
-            if self._fits(item, rows, length):  # earlier ones set aside go first
+        for item in list(pending):  # earlier ones set aside go first
+            if self._fits(item, rows, length):
                 pending.remove(item)
                 batch.append(item)
                 rows += len(item.rows)

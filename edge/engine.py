@@ -238,7 +238,7 @@ class Engine:
         self.threads = thread_count(cfg.threads)
         if not isinstance(cfg.sessions, int) or isinstance(cfg.sessions, bool) or cfg.sessions < 1:
             raise ValueError(f"sessions must be a positive integer, got {cfg.sessions!r}")
-        spin_mode(cfg.spin)  # refuse a bad mode before any session is made
+        self.spin = spin_mode(cfg.spin)  # a bad mode is refused before any session is made
         if cfg.sessions > self.threads:
             raise ValueError(f"{cfg.sessions} sessions need at least as many threads, got {self.threads}")
         limit_malloc_retention()  # before ONNX Runtime parses the model (see edge/memory.py)
@@ -270,7 +270,7 @@ class Engine:
         log.info(
             "engine ready: %s (%s), vocab %d, window %d, %d session(s) x %d threads on cores %s, spinning %s",
             self.manifest.name, bundle.path, size, self.window, cfg.sessions, self.threads_per_session,
-            self.session_cores, spin_mode(cfg.spin),
+            self.session_cores, self.spin,
         )
 
     @classmethod
@@ -323,11 +323,10 @@ class Engine:
         # tokens took 13.8 ms back to back and 16.7 ms with 50 ms pauses, against 17.9 and
         # 21.9 ms not spinning, and 0 ms of CPU in the second after a query, against 44 ms
         # with spinning left on after the run ("always").
-        spin = spin_mode(self.config.spin)
-        allow = "0" if spin == "off" else "1"
+        allow = "0" if self.spin == "off" else "1"
         options.add_session_config_entry("session.intra_op.allow_spinning", allow)
         options.add_session_config_entry("session.inter_op.allow_spinning", allow)
-        if spin == "query":
+        if self.spin == "query":
             options.add_session_config_entry("session.force_spinning_stop", "1")
         affinities = ort_thread_affinities(threads, cores)
         if affinities:
@@ -887,7 +886,7 @@ class Engine:
             "threads": self.threads,
             "sessions": len(self.sessions),
             "cores": self.cores,
-            "spin": spin_mode(self.config.spin),
+            "spin": self.spin,
             "batch_by_length": self.batch_by_length,
             "batch_window_ms": self.config.batch_window_ms,
             "max_batch": self.config.max_batch,

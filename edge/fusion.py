@@ -351,13 +351,14 @@ class Fusion:
         of the bundle's idiom contexts, how typical the text near the blank is of it."""
         echo = dict(echo or {})
         chars = set(left_text) | set(right_text)
-        near = self.idioms.query(left_text, right_text) if self.idioms is not None else None
+        near = None  # the idiom cue's view of the text, made only when a candidate is a word
         for c in candidates:
             if c.length not in echo:
                 echo[c.length] = self.echoes(left_text, c.length, right_text)
             c.echo = echo[c.length].get(c.text, 0)
             c.cohesion = cohesion(c.text, chars, self.rarity)
-            if near is not None and c.length > 1:
+            if self.idioms is not None and c.text in self.idioms:
+                near = near or self.idioms.query(left_text, right_text)
                 c.assoc = self.idioms.score(c.text, near)
 
     def memory_hits(self, left_text: str, n: int, right_text: str) -> list[MemoryHit]:

@@ -24,7 +24,7 @@ The arrays are small (about 2 MB for the default bundle) and read through the ma
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import numpy as np
 
@@ -43,12 +43,11 @@ def is_han_char(ch: str) -> bool:
     return "\u3400" <= ch <= "\u4dbf" or "\u4e00" <= ch <= "\u9fff" or "\uf900" <= ch <= "\ufaff"
 
 
-class QueryChars:
+class QueryChars(NamedTuple):
     """The distinct Han characters near a blank that the corpus has, with their shares."""
 
-    def __init__(self, codes: np.ndarray, shares: np.ndarray):
-        self.codes = codes
-        self.shares = shares
+    codes: np.ndarray
+    shares: np.ndarray
 
 
 class IdiomContext:
@@ -75,7 +74,8 @@ class IdiomContext:
         n = len(words)
         if not (len(self._off) == n + 1 and len(self._totals) == n == len(self._occurrences)
                 and len(self._chars) == len(self._counts) == (int(self._off[-1]) if n else len(self._chars))
-                and len(self._bg_chars) == len(self._bg_share) and total > 0):
+                and len(self._bg_chars) == len(self._bg_share) and total > 0
+                and bool(np.all(np.diff(self._off.astype(np.int64)) > 0))):  # no idiom without characters
             raise IdiomContextError(f"{self.path}: inconsistent array lengths (truncated or corrupt)")
         self._index = {w: i for i, w in enumerate(words)}
 
@@ -104,11 +104,11 @@ class IdiomContext:
         i = self._index.get(word)
         if i is None or len(near.codes) == 0:
             return 0.0
+        # Every idiom in the file has at least one character (the builder keeps no empty one).
         lo, hi = int(self._off[i]), int(self._off[i + 1])
-        chars = self._chars[lo:hi]
-        pos = np.searchsorted(chars, near.codes).clip(0, max(hi - lo - 1, 0))
-        found = (chars[pos] == near.codes) if hi > lo else np.zeros(len(near.codes), bool)
-        counts = np.where(found, self._counts[lo:hi][pos] if hi > lo else 0, 0).astype(np.float64)
+        chars, counts = self._chars[lo:hi], self._counts[lo:hi]
+        pos = np.searchsorted(chars, near.codes).clip(0, hi - lo - 1)
+        counts = np.where(chars[pos] == near.codes, counts[pos], 0).astype(np.float64)
         prior = self.alpha * near.shares
         ratio = (counts + prior) / ((float(self._totals[i]) + self.alpha) * near.shares)
         return float(np.log(ratio).sum() / SCALE)
