@@ -114,3 +114,32 @@ def test_cli_quantization_choice_and_int4_unbundle_refused(corpus, tmp_path, cap
     with pytest.raises(SystemExit) as stop:
         tools_main(["build", "--source", str(TINY_CHECKPOINT), "--out", str(tmp_path / "y"), "--quantization", "int3"])
     assert stop.value.code == 2 and "invalid choice: 'int3'" in capsys.readouterr().err
+
+
+def test_shared_word_embedding_reads_rows_of_the_decoder_weight(tmp_path):
+    """The word embedding reads the tied decoder's INT8 weight through a Transpose
+    ONNX Runtime folds at load (whole rows per token, one stored copy): token t's
+    embedding is exactly column t of the weight times its scale."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    out = tmp_path / "dynamic"
+    build_bundle(str(TINY_CHECKPOINT), out, vocab_size=None, corpus=None, quantization="dynamic")
+    model = onnx.load(str(out / MODEL_FILE))
+    nodes = {n.name: n for n in model.graph.node}
+    transpose, gather = nodes["/shared_word_embedding/Transpose"], nodes["/shared_word_embedding/Gather"]
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    weight = inits[transpose.input[0]]  # [hidden, vocab] int8
+    assert weight.dtype == np.int8 and list(transpose.attribute[0].ints) == [1, 0]
+    assert gather.input[0] == transpose.output[0] and gather.attribute[0].i == 0
+    scale = inits[transpose.input[0].replace("_quantized", "_scale")]
+    # expose the looked-up embedding and compare it with the weight's columns
+    looked_up = nodes["/shared_word_embedding/Mul"].output[0]
+    model.graph.output.append(helper.make_empty_tensor_value_info(looked_up))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.array([[3, 17, 42, 5, 17]], dtype=np.int64)
+    got = session.run([looked_up], {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                                    "mask_positions": np.array([[1]], dtype=np.int64)})[0]
+    want = (weight[:, ids[0]].T.astype(np.float32) * scale[ids[0]][:, None])[None]
+    np.testing.assert_array_equal(got, want)

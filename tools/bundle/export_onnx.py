@@ -25,11 +25,14 @@ def example_inputs(vocab_size: int, batch: int = 2, seq: int = 16, n_masks: int 
     return input_ids, attention_mask, mask_positions
 
 
-def export_onnx(mlm: torch.nn.Module, out_path: str | Path, opset: int = OPSET) -> Path:
-    """Export ``mlm`` (in eval mode) to ``out_path`` with dynamic batch/seq/n_masks."""
+def export_onnx(mlm: torch.nn.Module, out_path: str | Path, opset: int = OPSET,
+                last_layer_at_masks: bool = True) -> Path:
+    """Export ``mlm`` (in eval mode) to ``out_path`` with dynamic batch/seq/n_masks
+    (``last_layer_at_masks=False``: the graph of bundles built before the last layer
+    ran only at the masked rows, which ``tools unbundle`` still reads)."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = MaskedPositionsLM(mlm).eval()
+    wrapper = MaskedPositionsLM(mlm, last_layer_at_masks=last_layer_at_masks).eval()
     inputs = example_inputs(mlm.config.vocab_size)
     log.info("exporting ONNX (opset %d) to %s", opset, out_path)
     with torch.no_grad():

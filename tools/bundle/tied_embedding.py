@@ -49,9 +49,13 @@ def share_tied_embedding(int8_model, table_name: str, weight_name: str) -> bool:
 
     The decoder weight ``W`` is ``[hidden, vocab]`` int8, symmetric, one scale per
     vocabulary entry (per-channel on the output axis). The embedding of token ``t``
-    is ``W[:, t] * scale[t]``: Gather(axis=1) → Transpose → Cast → Mul, replacing
-    onnxruntime's per-tensor uint8 Gather + DequantizeLinear. Returns False (model
-    unchanged) when the expected initializers or nodes are not found.
+    is ``W[:, t] * scale[t]``: Transpose(W) → Gather(axis=0) → Cast → Mul, replacing
+    onnxruntime's per-tensor uint8 Gather + DequantizeLinear. The Transpose has only
+    constant inputs, so ONNX Runtime folds it once when the session is made: the file
+    keeps one copy, and each lookup reads whole rows. (Gathering columns of ``W``
+    directly reads one byte per cache line: on bert-base, 24 tokens × 768 lines
+    missed behind the encoder's 85 MB of weights, ~1 ms of a 13 ms query.) Returns
+    False (model unchanged) when the expected initializers or nodes are not found.
     """
     from onnx import TensorProto, helper, numpy_helper
 
@@ -76,8 +80,8 @@ def share_tied_embedding(int8_model, table_name: str, weight_name: str) -> bool:
     prefix = "/shared_word_embedding"
     axes = helper.make_tensor(f"{prefix}/axes", TensorProto.INT64, [1], [-1])
     new_nodes = [
-        helper.make_node("Gather", [q_name, INPUT_IDS], [f"{prefix}/cols"], name=f"{prefix}/Gather", axis=1),
-        helper.make_node("Transpose", [f"{prefix}/cols"], [f"{prefix}/rows"], name=f"{prefix}/Transpose", perm=[1, 2, 0]),
+        helper.make_node("Transpose", [q_name], [f"{prefix}/table"], name=f"{prefix}/Transpose", perm=[1, 0]),
+        helper.make_node("Gather", [f"{prefix}/table", INPUT_IDS], [f"{prefix}/rows"], name=f"{prefix}/Gather", axis=0),
         helper.make_node("Cast", [f"{prefix}/rows"], [f"{prefix}/rows_f"], name=f"{prefix}/Cast", to=TensorProto.FLOAT),
         helper.make_node("Gather", [s_name, INPUT_IDS], [f"{prefix}/scale"], name=f"{prefix}/GatherScale", axis=0),
         helper.make_node("Unsqueeze", [f"{prefix}/scale", axes.name], [f"{prefix}/scale3"], name=f"{prefix}/Unsqueeze"),

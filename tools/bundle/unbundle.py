@@ -57,11 +57,12 @@ def config_of(manifest: Manifest, vocab_size: int):
     return make_config(shape, vocab_size, arch.max_position_embeddings, 0.0, manifest.special_ids["[PAD]"])
 
 
-def initializer_sources(config) -> dict[str, tuple[str, bool]]:
+def initializer_sources(config, last_layer_at_masks: bool = True) -> dict[str, tuple[str, bool]]:
     """Map each initializer name of this toolchain's export of a ``config`` model to
     (parameter name, stored transposed?), matching values exactly: the probe model's
     every parameter (LayerNorms and biases too) is filled with distinct random values
-    so that no two can be confused."""
+    so that no two can be confused. ``last_layer_at_masks``: which of the two export
+    graphs (see :mod:`tools.bundle.masked_lm`); their initializer names differ."""
     import copy
 
     import onnx
@@ -79,7 +80,7 @@ def initializer_sources(config) -> dict[str, tuple[str, bool]]:
             param.normal_()
     params = {name: p.detach().numpy() for name, p in probe.state_dict().items()}
     with tempfile.TemporaryDirectory() as tmp:
-        path = export_onnx(probe, Path(tmp) / "probe.onnx")
+        path = export_onnx(probe, Path(tmp) / "probe.onnx", last_layer_at_masks=last_layer_at_masks)
         graph = onnx.load(str(path)).graph
     by_shape: dict[tuple, list[str]] = {}
     for name, value in params.items():
@@ -121,13 +122,22 @@ def dequantized(inits: dict, name: str) -> np.ndarray | None:
 
 
 def recover_state_dict(model, bundle_model) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """Every parameter of ``model`` read from the bundle's ONNX graph; raises
+    """Every parameter of ``model`` read from the bundle's ONNX graph, made by either
+    export graph (the current one first, then the one of older bundles); raises
     ToolError naming what is missing. Returns (state dict, counts by how read)."""
+    try:
+        return _recover_state_dict(model, bundle_model, last_layer_at_masks=True)
+    except ToolError:
+        return _recover_state_dict(model, bundle_model, last_layer_at_masks=False)
+
+
+def _recover_state_dict(model, bundle_model, last_layer_at_masks: bool) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """:func:`recover_state_dict` for one of the two export graphs."""
     inits = {i.name: i for i in bundle_model.graph.initializer}
     # The exporter stores equal initializers once (the all-ones LayerNorm weights of a
     # freshly initialised model, say) and names the others as Identity outputs of it.
     alias = {node.output[0]: node.input[0] for node in bundle_model.graph.node if node.op_type == "Identity"}
-    sources = initializer_sources(model.config)
+    sources = initializer_sources(model.config, last_layer_at_masks)
     state: dict[str, np.ndarray] = {}
     counts = {"float": 0, "dequantized": 0}
     for init_name, (param, transposed) in sources.items():
