@@ -4,11 +4,18 @@ Callers submit *rows* (a token-id sequence and the positions whose logits they
 want) and block until their logits come back. The worker takes the first waiting
 request, waits up to ``window_ms`` for more (only while ``busy()`` says other callers
 are at work and may submit soon: a query alone does not wait for company that is not
-coming, which cost every single HTTP query the whole window), pads them into one batch (sequence
-length rounded up to a bucket, so the session sees few distinct shapes and its
-memory arena stops growing) and runs the session once. A row's result does not
-depend on which other rows share its batch: padding is masked out by the
-attention mask, and every row is padded to the same bucket either way.
+coming, which cost every single HTTP query the whole window), pads them into one batch
+(to its longest row, or with ``pad_to_bucket`` to that row's length bucket) and runs
+the session once.
+
+Padding is masked out by the attention mask. For FP32, static INT8 and int4 a row's
+logits are exactly the same whoever shares its batch at the same padded length
+(``tests/test_engine.py``), so the engine pads those to buckets: with batching by
+length a row's padded length, and so its answer, does not depend on its mates.
+Dynamic INT8 scales activations over the whole batch, padding included, so its rows
+move a little with their mates anyway; the engine pads those only to the longest row,
+which spares a lone query the padding (bert-base: a 17-token query no longer runs as
+24 tokens). Buckets also say which requests batching by length puts together.
 """
 
 from __future__ import annotations
@@ -54,9 +61,11 @@ def bucket_length(length: int, buckets: Sequence[int]) -> int:
     return length
 
 
-def pad_rows(rows: Sequence[Row], buckets: Sequence[int], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pad rows into (input_ids, attention_mask, mask_positions) int64 arrays."""
-    seq = bucket_length(max(len(r.ids) for r in rows), buckets)
+def pad_rows(rows: Sequence[Row], buckets: Sequence[int] | None, pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pad rows into (input_ids, attention_mask, mask_positions) int64 arrays: to the
+    longest row, rounded up to a bucket when ``buckets`` are given."""
+    longest = max(len(r.ids) for r in rows)
+    seq = bucket_length(longest, buckets) if buckets else longest
     n_pos = max(len(r.positions) for r in rows)
     input_ids = np.full((len(rows), seq), pad_id, dtype=np.int64)
     attention = np.zeros((len(rows), seq), dtype=np.int64)
@@ -91,6 +100,7 @@ class MicroBatcher:
         on_thread_start: Callable[[int], None] | None = None,
         busy: Callable[[], bool] | None = None,
         by_length: bool = False,
+        pad_to_bucket: bool = True,
     ):
         if window_ms < 0:
             raise ValueError(f"batch window must be >= 0 ms, got {window_ms}")
@@ -106,6 +116,7 @@ class MicroBatcher:
         self._on_thread_start = on_thread_start
         self._busy = busy
         self.by_length = by_length
+        self.pad_to_bucket = pad_to_bucket
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._lock = threading.Lock()
         self.batches_total = 0
@@ -226,7 +237,7 @@ class MicroBatcher:
     def _run(self, batch: list[_Request], index: int) -> None:
         rows = [row for request in batch for row in request.rows]
         try:
-            arrays = pad_rows(rows, self.buckets, self.pad_id)
+            arrays = pad_rows(rows, self.buckets if self.pad_to_bucket else None, self.pad_id)
             logits = self.runners[index](*arrays)
         except Exception as exc:  # a failure answers every waiting caller
             log.exception("inference failed for a batch of %d rows", len(rows))

@@ -261,6 +261,7 @@ class Engine:
             on_thread_start=self._pin_worker,
             busy=lambda: self._in_flight > cfg.sessions,
             by_length=self.batch_by_length,
+            pad_to_bucket=self._pad_to_bucket(),
         )
         self._closed = False
         self._lock = threading.Lock()
@@ -652,6 +653,19 @@ class Engine:
         return final
 
     # -- public API ------------------------------------------------------------
+    def _pad_to_bucket(self) -> bool:
+        """Whether batches are padded up to a length bucket rather than to their longest
+        row. Dynamic INT8 scales activations over the whole batch, padding included, so
+        its rows already move with their mates: running a lone query at its own length
+        loses nothing there and saves the padding (bert-base, 17 tokens run as 24: 8%).
+        FP32, static INT8 and int4 keep the bucket, so that a row's padded length, and
+        with batching by length its logits, stay exactly the same whoever shares its
+        batch; with ONNX Runtime's memory arena on, buckets also stop it growing a block
+        per shape."""
+        quantization = self.manifest.quantization
+        dynamic = quantization is not None and not quantization.get("batch_independent")
+        return self.config.memory_arena or not dynamic
+
     def predict(self, text: str, top_k: int = 5, blank_length: int | str | None = None,
                 fusion: bool = True) -> dict:
         """Answer one query; returns the HTTP API's JSON shape (see design.md).

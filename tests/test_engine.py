@@ -486,3 +486,33 @@ def test_batching_by_length_with_two_workers_answers_everyone():
         assert all(count > 0 for count in batcher.stats()["worker_batches"])  # both workers took work
     finally:
         batcher.close()
+
+
+@pytest.mark.parametrize("kind, arena, padded", [
+    ("", False, "exact"),        # dynamic INT8: its rows move with their mates anyway
+    ("", True, "bucket"),        # the memory arena keeps a block per shape
+    ("fp32", False, "bucket"),   # batch-independent: a row keeps its padded length
+    ("static", False, "bucket"),
+])
+def test_lone_query_padding_by_quantization(kind, arena, padded, request):
+    """A lone query runs at its own length on dynamic INT8 bundles and padded to its
+    length bucket on the batch-independent ones (and whenever the arena is on)."""
+    bundle = request.getfixturevalue(f"tiny_{kind + '_' if kind else ''}bundle_dir")
+    engine = Engine.from_bundle(bundle, threads=1, cache_size=0, memory_arena=arena)
+    seen = []
+    runner = engine.batcher.runners[0]
+
+    def recording(input_ids, attention_mask, mask_positions):
+        seen.append(input_ids.shape)
+        return runner(input_ids, attention_mask, mask_positions)
+
+    engine.batcher.runners[0] = recording
+    try:
+        text = "床前明月光，疑是地[MASK]霜。"
+        tokens = len(engine.tokenizer.encode(text).ids)
+        result = engine.predict(text)
+    finally:
+        engine.close()
+    assert result["blanks"][0]["candidates"]
+    assert tokens == 14  # [CLS] + 12 + [SEP]: the bucket is 16
+    assert seen == [(1, 14 if padded == "exact" else 16)]
