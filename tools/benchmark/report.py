@@ -147,23 +147,26 @@ def _load_lines(report: dict[str, Any]) -> list[str]:
         lines += [f"## HTTP load test ({load['model']})", "",
                   f"`python -m edge serve` on loopback, cache off, distinct sentences (<=32 tokens, one blank), "
                   f"open-loop arrivals at fixed rates for {load['seconds']} s each; latency from the scheduled send "
-                  f"time. The load generator runs on the same {m.get('usable_cpus')} cores as the server.", "",
+                  f"time. The load generator runs on the same {m.get('usable_cpus')} cores as the server, "
+                  f"which runs at nice +5 so that the generator, standing for clients on other machines, "
+                  f"sends on time; `late p99` is how late it still sent (client side).", "",
                   "p50/p99 are of the answered requests; `shed` are the 503 `overloaded` refusals of the "
                   "admission gate, with how fast they came back. `HTTP − engine` is the median over the "
                   "answered requests of each one's round trip (a fresh connection each) minus the engine time "
                   "its answer reports (`elapsed_ms`); past capacity it includes the wait in the admission line.", "",
                   "| config | offered req/s | achieved req/s | p50 ms | p99 ms | shed (p99 ms) | errors "
-                  "| HTTP − engine p50 ms | server RSS before → after |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| HTTP − engine p50 ms | late p99 ms | server RSS before → after |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, entry in load["results"].items():
             if "error" in entry:
-                lines.append(f"| {name} | failed: {entry['error'][:200]} | | | | | | | |")
+                lines.append(f"| {name} | failed: {entry['error'][:200]} | | | | | | | | |")
                 continue
             for r in entry["rates"]:
                 shed = f"{r.get('shed', 0)} ({r['shed_p99_ms']:.0f})" if r.get("shed") else "0"
                 lines.append(f"| {name} | {r['offered_rps']:g} | {r['achieved_rps']:.1f} | {r['p50_ms']:.1f} | "
                              f"{r['p99_ms']:.1f} | {shed} | {r['errors']} | "
-                             f"{_fmt(r.get('http_overhead_p50_ms'), 2)} | {_fmt(r['server_rss_before_mb'], 0)} → "
+                             f"{_fmt(r.get('http_overhead_p50_ms'), 2)} | {_fmt(r.get('send_lag_p99_ms'), 1)} | "
+                             f"{_fmt(r['server_rss_before_mb'], 0)} → "
                              f"{_fmt(r['server_rss_after_mb'], 0)} MB |")
         for name, entry in load["results"].items():
             if "rss_before_mb" in entry:
