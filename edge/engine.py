@@ -402,9 +402,16 @@ class Engine:
                 lengths.append((blank_length,))
             else:
                 lengths.append((blank.n_masks,))
-        seg_ids = [e.ids for e in self.tokenizer.encode_batch(segments, add_special_tokens=False)]
+        seg_ids = self._encode_segments(segments)
         return _Query(text=text, seg_ids=seg_ids, starts=[b.start for b in blanks], lengths=lengths,
                       seg_text=segments)
+
+    def _encode_segments(self, segments: list[str]) -> list[list[int]]:
+        """Token ids of each text segment (no special tokens). One ``encode`` per segment,
+        not ``encode_batch``: a query has a few short segments, and the batch call hands
+        them to the tokenizer's own thread pool, which costs more than it saves and
+        wakes threads beside ONNX Runtime's pinned ones (36 against 17 µs here)."""
+        return [self.tokenizer.encode(segment, add_special_tokens=False).ids for segment in segments]
 
     def _build(self, query: _Query, fills: list[tuple[int, ...]]) -> tuple[list[int], list[list[int]], bool]:
         """Token ids with each blank written as its fill; positions of each blank.
@@ -804,7 +811,7 @@ class Engine:
         segments, blanks = find_blanks(text)
         if len(blanks) != 1:
             raise InputError("no_blank" if not blanks else "too_many_blanks", "score_fillers needs exactly one blank")
-        seg_ids = [e.ids for e in self.tokenizer.encode_batch(segments, add_special_tokens=False)]
+        seg_ids = self._encode_segments(segments)
         scores: list[float | None] = [None] * len(fillers)
         lengths = sorted({len(f) for f in fillers})
         if any(n < 1 or n > self.config.max_blank_chars for n in lengths):
@@ -832,7 +839,7 @@ class Engine:
             return segments, []
         query = _Query(
             text=text,
-            seg_ids=[e.ids for e in self.tokenizer.encode_batch(segments, add_special_tokens=False)],
+            seg_ids=self._encode_segments(segments),
             starts=[blanks[0].start],
             lengths=[(1,)],
             seg_text=segments,
