@@ -348,7 +348,9 @@ def test_concurrent_requests_are_counted(engine):
     """Several threads at once (as under waitress): no lost updates in the counters."""
     from concurrent.futures import ThreadPoolExecutor
 
-    app = create_app(engine=engine)
+    # A line all 8 fit in, with no wait budget to run out: under QEMU (make arm-check)
+    # a query takes ~100 ms, and the default 250 ms budget refused one on arrival.
+    app = create_app(engine=engine, config={"MAX_WAITING": 8, "MAX_WAIT_MS": 60_000})
 
     def one(i):
         with app.test_client() as c:
