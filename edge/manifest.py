@@ -151,6 +151,15 @@ class Manifest:
         """Fill ``files`` with the size and sha256 of each named file in ``folder``."""
         self.files = {name: file_entry(Path(folder) / name) for name in names}
 
+    def attach_files(self, folder: str | Path, section: dict[str, Any], names: list[str]) -> dict[str, Any]:
+        """Record the files of an optional part (word LM, memory, idiom contexts): their
+        names in its manifest ``section``, their size and sha256 in ``files``. Returns
+        ``section``, for the caller to store under the part's key."""
+        section["files"] = list(names)
+        for name in names:
+            self.files[name] = file_entry(Path(folder) / name)
+        return section
+
 
 def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:
     """Return the hex sha256 of a file, read in chunks."""

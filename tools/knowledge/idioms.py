@@ -130,7 +130,7 @@ def add_idioms_to_bundle(bundle: Path, corpus: Path, test_fraction: float = 0.02
                          license_note: str = "") -> dict:
     """Write idioms.bin (+ its provenance note) into ``bundle``, for the idioms of its word
     LM, and list them in its manifest."""
-    from edge.manifest import Manifest, file_entry
+    from edge.manifest import Manifest
     from edge.ngram_lm import NgramLM
 
     bundle = Path(bundle)
@@ -143,10 +143,7 @@ def add_idioms_to_bundle(bundle: Path, corpus: Path, test_fraction: float = 0.02
                         provenance=provenance, license_note=license_note)
     (bundle / IDIOMS_README_FILE).write_text(readme_text(meta), encoding="utf-8")
     names = [IDIOMS_FILE, IDIOMS_README_FILE]
-    manifest.idioms = {k: v for k, v in meta.items() if k != "format"}
-    manifest.idioms["files"] = names
-    for name in names:
-        manifest.files[name] = file_entry(bundle / name)
+    manifest.idioms = manifest.attach_files(bundle, {k: v for k, v in meta.items() if k != "format"}, names)
     manifest.save(bundle)
     return manifest.idioms
 

@@ -338,7 +338,7 @@ def find_license(arpa: Path) -> tuple[Path | None, Path | None]:
 def add_lm_to_bundle(bundle: Path, arpa: Path, license_file: Path | None = None, readme: Path | None = None,
                      license_id: str = "", provenance: str = "") -> dict:
     """Write lm.bin + its license and provenance into ``bundle`` and list them in the manifest."""
-    from edge.manifest import Manifest, file_entry
+    from edge.manifest import Manifest
 
     bundle = Path(bundle)
     manifest = Manifest.load(bundle)
@@ -358,11 +358,9 @@ def add_lm_to_bundle(bundle: Path, arpa: Path, license_file: Path | None = None,
     if readme is not None:
         shutil.copyfile(readme, bundle / LM_README_FILE)
         names.append(LM_README_FILE)
-    manifest.lm = {k: meta[k] for k in ("order", "counts", "max_word_chars", "log_base", "quantization",
-                                        "source_file", "source_sha256", "license", "provenance")}
-    manifest.lm["files"] = names
-    for name in names:
-        manifest.files[name] = file_entry(bundle / name)
+    manifest.lm = manifest.attach_files(bundle, {k: meta[k] for k in (
+        "order", "counts", "max_word_chars", "log_base", "quantization", "source_file", "source_sha256",
+        "license", "provenance")}, names)
     manifest.save(bundle)
     return manifest.lm
 

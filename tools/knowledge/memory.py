@@ -270,7 +270,7 @@ def build_memory(corpus: Path, out_file: Path, test_fraction: float = 0.02, prov
 def add_memory_to_bundle(bundle: Path, corpus: Path, license_file: Path | None = None, license_id: str = "",
                          provenance: str = "", test_fraction: float = 0.02) -> dict:
     """Write memory.bin (+ license, provenance note) into ``bundle`` and list them in its manifest."""
-    from edge.manifest import Manifest, file_entry
+    from edge.manifest import Manifest
 
     bundle = Path(bundle)
     manifest = Manifest.load(bundle)
@@ -284,11 +284,8 @@ def add_memory_to_bundle(bundle: Path, corpus: Path, license_file: Path | None =
     shutil.copyfile(license_file, bundle / MEMORY_LICENSE_FILE)
     (bundle / MEMORY_README_FILE).write_text(readme_text(meta), encoding="utf-8")
     names = [MEMORY_FILE, MEMORY_LICENSE_FILE, MEMORY_README_FILE]
-    manifest.memory = {k: v for k, v in meta.items()
-                       if k not in ("bytes", "build_seconds", "format", "groups", "sample_every")}
-    manifest.memory["files"] = names
-    for name in names:
-        manifest.files[name] = file_entry(bundle / name)
+    manifest.memory = manifest.attach_files(bundle, {k: v for k, v in meta.items() if k not in (
+        "bytes", "build_seconds", "format", "groups", "sample_every")}, names)
     manifest.save(bundle)
     return manifest.memory
 
