@@ -151,13 +151,14 @@ class ArraysFile:
         return array.tobytes()
 
 
-def open_arrays(path: str | Path, expected_format: str, error: type[Exception]) -> ArraysFile:
-    """Open an arrays file whose ``meta["format"]`` must be ``expected_format``; any
-    problem is raised as ``error`` with a message naming the file."""
+def open_arrays(path: str | Path, expected_format: str | tuple[str, ...], error: type[Exception]) -> ArraysFile:
+    """Open an arrays file whose ``meta["format"]`` must be ``expected_format`` (or one of
+    them); any problem is raised as ``error`` with a message naming the file."""
     try:
         file = ArraysFile(path)
     except ArraysFileError as exc:
         raise error(str(exc)) from exc
-    if file.meta.get("format") != expected_format:
-        raise error(f"{path}: format {file.meta.get('format')!r} is not {expected_format!r}")
+    accepted = (expected_format,) if isinstance(expected_format, str) else expected_format
+    if file.meta.get("format") not in accepted:
+        raise error(f"{path}: format {file.meta.get('format')!r} is not {' or '.join(map(repr, accepted))}")
     return file

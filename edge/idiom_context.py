@@ -6,7 +6,11 @@ An idiom says something about its passage beyond its neighbours: 雪中送炭 co
 help, need, winter; 守株待兔 with waiting and luck. The file holds, for every
 four-character word of the bundle's word LM that occurs in the training corpus, how
 many times it occurs and how often each Han character occurs within ``window``
-characters of it, and the corpus's own character counts. For a query, the characters
+characters of it, and the corpus's own character counts. To those it adds the expected
+counts of the corpus's idiom questions without answers (ChID's unlabeled passages, each
+with seven candidates), weighted by how likely each candidate is there (see
+:mod:`tools.knowledge.idioms`); the counts are therefore fractional, stored as one byte
+each: an index into a table of levels. For a query, the characters
 within ``window`` of the blank are compared with each idiom's (a naive-Bayes
 log-likelihood ratio against the corpus's character distribution):
 
@@ -30,7 +34,8 @@ import numpy as np
 
 from edge.arrays_file import open_arrays
 
-FORMAT = "fillmask-edge idiom contexts 1"
+FORMAT = "fillmask-edge idiom contexts 2"  # counts as level codes, expected counts from questions
+FORMAT_1 = "fillmask-edge idiom contexts 1"  # integer counts (bundles built before the questions)
 SCALE = 10.0  # the feature is the log-likelihood ratio / 10, near the other features' range
 
 
@@ -55,7 +60,7 @@ class IdiomContext:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        file = open_arrays(self.path, FORMAT, IdiomContextError)
+        file = open_arrays(self.path, (FORMAT, FORMAT_1), IdiomContextError)
         meta = self.meta = file.meta
         try:
             self.window = int(meta["window"])
@@ -64,16 +69,23 @@ class IdiomContext:
             words = file.bytes_of("words_utf8").decode("utf-8").split("\n") if meta.get("idioms") else []
             self._off = file.array("off")
             self._chars = file.array("chars")
-            self._counts = file.array("counts")
-            self._totals = file.array("totals")
-            self._occurrences = file.array("occurrences")
+            # A count is levels[code]; format 1 stored the integer count itself in the byte.
+            # The codes stay in the mapping (one byte per pair, paged in as read).
+            if meta["format"] == FORMAT_1:
+                self._codes, self._levels = file.array("counts"), np.arange(256, dtype=np.float64)
+            else:
+                self._codes, self._levels = file.array("codes"), file.array("levels").astype(np.float64)
+            if self._codes.dtype != np.uint8 or len(self._levels) != 256:
+                raise ValueError("count codes are not one byte into a table of 256 levels")
+            self._totals = file.array("totals").astype(np.float64)
+            self._occurrences = file.array("occurrences").astype(np.float64)
             self._bg_chars = file.array("bg_chars")
             self._bg_share = file.array("bg_counts").astype(np.float64) / total
         except (KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
             raise IdiomContextError(f"{self.path}: unreadable idioms file ({exc})") from exc
         n = len(words)
         if not (len(self._off) == n + 1 and len(self._totals) == n == len(self._occurrences)
-                and len(self._chars) == len(self._counts) == (int(self._off[-1]) if n else len(self._chars))
+                and len(self._chars) == len(self._codes) == (int(self._off[-1]) if n else len(self._chars))
                 and len(self._bg_chars) == len(self._bg_share) and total > 0
                 and bool(np.all(np.diff(self._off.astype(np.int64)) > 0))):  # no idiom without characters
             raise IdiomContextError(f"{self.path}: inconsistent array lengths (truncated or corrupt)")
@@ -85,10 +97,11 @@ class IdiomContext:
     def __contains__(self, word: str) -> bool:
         return word in self._index
 
-    def occurrences(self, word: str) -> int:
-        """How many times the corpus has ``word`` (0 when it is not an idiom of the file)."""
+    def occurrences(self, word: str) -> float:
+        """How many times the corpus has ``word``, its questions' expected share included
+        (0 when it is not an idiom of the file)."""
         i = self._index.get(word)
-        return 0 if i is None else int(self._occurrences[i])
+        return 0.0 if i is None else float(self._occurrences[i])
 
     def query(self, left_text: str, right_text: str) -> QueryChars:
         """The characters within ``window`` of the blank that the corpus has."""
@@ -106,9 +119,9 @@ class IdiomContext:
             return 0.0
         # Every idiom in the file has at least one character (the builder keeps no empty one).
         lo, hi = int(self._off[i]), int(self._off[i + 1])
-        chars, counts = self._chars[lo:hi], self._counts[lo:hi]
+        chars, codes = self._chars[lo:hi], self._codes[lo:hi]
         pos = np.searchsorted(chars, near.codes).clip(0, hi - lo - 1)
-        counts = np.where(chars[pos] == near.codes, counts[pos], 0).astype(np.float64)
+        counts = np.where(chars[pos] == near.codes, self._levels[codes[pos]], 0.0)
         prior = self.alpha * near.shares
         ratio = (counts + prior) / ((float(self._totals[i]) + self.alpha) * near.shares)
         return float(np.log(ratio).sum() / SCALE)

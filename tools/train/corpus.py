@@ -43,6 +43,18 @@ class Document:
     text: str
 
 
+@dataclass(frozen=True)
+class IdiomQuestion:
+    """A ChID-style record whose answer is not given (FewCLUE's ``unlabeled.json``): the
+    text around its one ``#idiom#`` and the candidate idioms, simplified, with the
+    document text training reads for it (for the held-apart rule)."""
+
+    document: str
+    left: str
+    right: str
+    candidates: tuple[str, ...]
+
+
 @lru_cache(maxsize=1)
 def _t2s():
     """Return a traditional→simplified converter (OpenCC tables, pure Python)."""
@@ -155,6 +167,34 @@ def iter_documents(path: str | Path, include_eval: bool = False, simplify: bool 
             if simplify:
                 text = to_simplified(text)
             yield Document(source=str(file), text=text)
+
+
+def iter_idiom_questions(path: str | Path, include_eval: bool = False) -> Iterator[IdiomQuestion]:
+    """Yield every record under ``path`` with exactly one ``#idiom#``, a list of candidate
+    idioms and no valid answer (a record with its answer is running text: the answer is
+    filled in there, see :func:`record_text`). Unreadable files are skipped, as by
+    :func:`iter_documents`."""
+    for file in corpus_files(path, include_eval):
+        if file.suffix != ".json":
+            continue
+        try:
+            records = list(_records_of_json_file(file))
+        except (CorpusError, UnicodeDecodeError) as exc:
+            log.warning("skipping %s: %s", file, exc)
+            continue
+        for record in records:
+            if not isinstance(record, dict):
+                continue
+            content, candidates, answer = record.get("content"), record.get("candidates"), record.get("answer")
+            if not isinstance(content, str) or content.count(IDIOM_PLACEHOLDER) != 1:
+                continue
+            if not isinstance(candidates, list) or not candidates or not all(isinstance(c, str) for c in candidates):
+                continue
+            if isinstance(answer, int) and 0 <= answer < len(candidates):
+                continue
+            left, right = to_simplified(content).split(IDIOM_PLACEHOLDER)
+            yield IdiomQuestion(to_simplified(record_text(record)), left, right,
+                                tuple(to_simplified(c) for c in candidates))
 
 
 def is_test_document(text: str, test_fraction: float) -> bool:
