@@ -2,7 +2,8 @@
 # Give a bundle the answer-time knowledge and ship it as the embedded default:
 #   the word trigram LM of ../shared/data/lm (tools lm convert), the exact phrase memory of
 #   the training split of chinese-poetry (tools memory build), the characters around each of the
-#   LM's idioms in the training split of FewCLUE (tools idioms build), the fusion weights fitted on
+#   LM's idioms in the training split of FewCLUE, its unlabeled ChID passages counted for their likely
+#   answers (tools idioms build), the fusion weights fitted on
 #   the development data (tools fusion fit), evaluated fused and model-only (tools evaluate),
 #   installed as edge/default_bundle (tools ship) when SHIP=1.
 #

@@ -243,7 +243,7 @@ def build_idioms(corpus: Path, idioms: set[str], out_file: Path, test_fraction: 
 
 
 def add_idioms_to_bundle(bundle: Path, corpus: Path, test_fraction: float = 0.02, provenance: str = "",
-                         license_note: str = "") -> dict:
+                         license_note: str = "", rounds: int = EM_ITERATIONS) -> dict:
     """Write idioms.bin (+ its provenance note) into ``bundle``, for the idioms of its word
     LM, and list them in its manifest."""
     from edge.manifest import Manifest
@@ -256,7 +256,7 @@ def add_idioms_to_bundle(bundle: Path, corpus: Path, test_fraction: float = 0.02
                         "run `python -m tools lm convert --bundle` first")
     lm = open_bundle_file(bundle, "lm.bin", NgramLM)
     meta = build_idioms(Path(corpus), idioms_of_lm(lm), bundle / IDIOMS_FILE, test_fraction,
-                        provenance=provenance, license_note=license_note)
+                        provenance=provenance, license_note=license_note, iterations=rounds)
     (bundle / IDIOMS_README_FILE).write_text(readme_text(meta), encoding="utf-8")
     names = [IDIOMS_FILE, IDIOMS_README_FILE]
     manifest.idioms = manifest.attach_files(bundle, {k: v for k, v in meta.items() if k != "format"}, names)
@@ -296,6 +296,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--test-fraction", type=float, default=0.02, help="held-apart share (as in pretrain)")
     build.add_argument("--provenance", default="", help="one line on where the corpus comes from")
     build.add_argument("--license", dest="license_note", default="", help="the corpus's license, as a note")
+    build.add_argument("--rounds", type=int, default=EM_ITERATIONS,
+                       help="rounds of expectation-maximisation over the idiom questions without answers (0: none)")
     score = sub.add_parser("score", help="the idiom cue of each given idiom for a text with one blank")
     score.add_argument("--bundle", type=Path, default=None, help="bundle with idioms.bin (default: the embedded one)")
     score.add_argument("text")
@@ -306,7 +308,10 @@ def run(args: argparse.Namespace) -> int:
     """Run ``idioms build`` or ``idioms score``."""
     if args.idioms_command == "build":
         check_bundle_folder(args.bundle)
-        add_idioms_to_bundle(args.bundle, args.corpus, args.test_fraction, args.provenance, args.license_note)
+        if args.rounds < 0:
+            raise ToolError(f"--rounds {args.rounds}: give 0 or more")
+        add_idioms_to_bundle(args.bundle, args.corpus, args.test_fraction, args.provenance, args.license_note,
+                             args.rounds)
         return 0
     from edge.blanks import find_blanks
     from edge.idiom_context import IdiomContext
