@@ -604,6 +604,25 @@ class Engine:
             return None
         return float(sum(position_logp[k, t] for k, t in enumerate(tokens)))
 
+    def _writable_logp(self, position_logp: np.ndarray, text: str) -> tuple[float | None, int]:
+        """The model's sum of per-position log-probabilities over the characters of
+        ``text`` it can write (None when it can write none), and how many it cannot.
+        A filler with one character the model lacks (为君飡不: 飡) is scored on the other
+        three, and the fit weighs each missing character; scoring it 0 instead (as the
+        model's ln p of a whole filler it cannot write) let such fillers win 4-character
+        blanks, where the model's ln p of an ordinary filler is around -16."""
+        if position_logp.shape[0] == 1 or len(text) != position_logp.shape[0]:
+            value = self._independent_logp(position_logp, text)
+            return value, 0 if value is not None else len(text)
+        total, missing = 0.0, 0
+        for k, ch in enumerate(text):
+            t = self.char_token.get(ch)
+            if t is None or not np.isfinite(position_logp[k, t]):
+                missing += 1
+            else:
+                total += float(position_logp[k, t])
+        return (None if missing == len(text) else total), missing
+
     def _model_proposals(self, position_logp: np.ndarray) -> list[str]:
         """The model's own candidates: its top characters, or for a longer blank the best
         combinations of its per-position distributions."""
@@ -659,7 +678,7 @@ class Engine:
         for text in echoes:
             add(text, "context")
         for c in found.values():
-            c.model = self._independent_logp(position_logp, c.text)
+            c.model, c.unwritten = self._writable_logp(position_logp, c.text)
         return list(found.values())
 
     def _solve_fused(self, query: _Query) -> list[list[Candidate]]:

@@ -76,10 +76,11 @@ MEM_CONTEXT_CAP = 16  # characters of matched context beyond which a memory hit 
 LM_FLOOR = -12.0
 MODEL_FLOOR = -25.0  # the lowest ln p the model feature takes
 # A filler the model cannot write (a character outside its trimmed vocabulary: 逑 of
-# 君子好逑, many rare classical characters) gets model = 0 and the indicator model_oov = 1,
-# whose weight is fitted: a fixed floor instead (ln p = -25 times the model's weight)
-# ruled out such fillers even where the memory had them with the whole line matched.
-# A bundle fitted before this feature gets the old penalty as its default weight.
+# 君子好逑, many rare classical characters) gets model = 0 and model_oov = 1, whose weight
+# is fitted: a fixed floor instead (ln p = -25 times the model's weight) ruled out such
+# fillers even where the memory had them with the whole line matched. A longer filler
+# gets the model's ln p of the characters it can write and model_oov = the number it
+# cannot. A bundle fitted before this feature gets the old penalty as its default weight.
 OOV_DEFAULT_WEIGHT = -15.0
 # The register of a blank's context, z in [-1, 1]: how well the word LM knows it, from
 # its log10 probability per character (measured on the held-apart passages: modern
@@ -111,6 +112,7 @@ class Candidate:
     text: str
     sources: set = field(default_factory=set)
     model: float | None = None  # the masked-LM's ln p: the sum over positions, blank all masked
+    unwritten: int = 0  # characters of a fused candidate the model cannot write (left out of ``model``)
     lm: float | None = None  # ln p of the window with this filler under the word LM
     memory: MemoryHit | None = None
     score: float = 0.0  # w · f
@@ -400,6 +402,9 @@ class Fusion:
             whole = is_whole_line(c.memory)
             oov = c.model is None
             model = 0.0 if oov else max(c.model, MODEL_FLOOR)
+            # Characters the model cannot write: 1 for such a one-character filler (model 0),
+            # one per missing character of a longer one (model over the others).
+            missing = max(c.unwritten, 1) if oov else c.unwritten
             lm = 0.0 if c.lm is None else max(c.lm - lm_best, LM_FLOOR)
             mem_context = min(mem, MEM_CONTEXT_CAP) / 4.0
             bucket = next((name for low, name in reversed(MEM_BEST_BUCKETS) if best >= low), None) \
@@ -409,7 +414,7 @@ class Fusion:
                 *(1.0 if bucket == name else 0.0 for _, name in MEM_BEST_BUCKETS),
                 0.0 if c.memory is None else c.memory.cover,
                 model * z, lm * z, mem_context * z,
-                1.0 if oov else 0.0,
+                float(missing),
                 1.0 if c.length == 2 else 0.0,
                 1.0 if c.length == 3 else 0.0,
                 1.0 if c.length == 4 else 0.0,

@@ -196,6 +196,33 @@ def test_a_filler_the_model_cannot_write_gets_an_indicator_not_a_floor():
     assert old_fit.settings["weights"]["char"]["model_oov"] == OOV_DEFAULT_WEIGHT
 
 
+def test_a_longer_filler_is_scored_on_the_characters_the_model_can_write(engine):
+    """A four-character filler with one character the model lacks gets the model's ln p
+    of the other three and model_oov 1 (not model 0, which beat every ordinary filler
+    of a four-character blank, whose ln p is around -16); one it can write whole gets
+    its sum and model_oov 0; a one-character filler is as before."""
+    from edge.fusion import FEATURES, Candidate
+
+    vocab = [ch for ch in engine.char_token if len(ch) == 1 and "\u4e00" <= ch <= "\u9fff"]
+    a, b, c = vocab[:3]
+    lacking = next(chr(cp) for cp in range(0x9FA5, 0x4E00, -1) if chr(cp) not in engine.char_token)
+    rng = np.random.default_rng(0)
+    logp = np.log(rng.dirichlet(np.ones(len(engine.id_to_token)), size=4))
+    value, missing = engine._writable_logp(logp, a + b + lacking + c)
+    expected = sum(float(logp[k, engine.char_token[ch]]) for k, ch in ((0, a), (1, b), (3, c)))
+    assert missing == 1 and value == pytest.approx(expected)
+    whole = sum(float(logp[k, engine.char_token[ch]]) for k, ch in enumerate(a + b + c + a))
+    assert engine._writable_logp(logp, a + b + c + a) == (pytest.approx(whole), 0)
+    assert engine._writable_logp(logp, lacking * 4) == (None, 4)
+    assert engine._writable_logp(logp[:1], lacking) == (None, 1)
+    assert engine._writable_logp(logp[:1], a) == (pytest.approx(float(logp[0, engine.char_token[a]])), 0)
+    rows = engine.fusion.feature_matrix([Candidate(a + b + lacking + c, model=value, unwritten=missing),
+                                         Candidate(lacking * 4, model=None, unwritten=4)])
+    assert rows[0][FEATURES.index("model")] == pytest.approx(expected)
+    assert rows[0][FEATURES.index("model_oov")] == 1.0
+    assert rows[1][FEATURES.index("model")] == 0.0 and rows[1][FEATURES.index("model_oov")] == 4.0
+
+
 def test_fit_weights_recovers_a_decisive_feature():
     from edge.fusion import FEATURES
     from tools.knowledge.fusion import FitItem, fit_weights
