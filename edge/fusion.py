@@ -43,7 +43,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from edge.idiom_context import IdiomContext
-from edge.ngram_lm import FillerScorer, NgramLM, han_context, is_han
+from edge.ngram_lm import FillerScorer, NgramLM, han_context
 from edge.phrase_memory import MemoryHit, PhraseMemory
 from edge.text_cues import MAX_RARITY, cohesion, echoes
 

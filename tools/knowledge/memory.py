@@ -122,18 +122,15 @@ def works_of_record(record, inherited: Work, depth: int = 0) -> Iterator[Work]:
 def read_works(corpus: Path, test_fraction: float = 0.02) -> tuple[list[Work], dict]:
     """Works of the training split of ``corpus``, simplified; and counts."""
     from edge.phrase_memory import normalize_query
-    from tools.train.corpus import CJK_RE, _records_of_json_file, corpus_files, is_test_document, record_text, \
-        to_simplified
+    from tools.train.corpus import CJK_RE, corpus_files, is_test_document, read_records, record_text, to_simplified
 
     works: list[Work] = []
     stats = {"documents": 0, "held_apart_documents": 0, "files": 0}
     for file in corpus_files(corpus):
         if file.suffix != ".json":
             continue
-        try:
-            records = list(_records_of_json_file(file))
-        except (ValueError, UnicodeDecodeError) as exc:
-            log.warning("skipping %s: %s", file, exc)
+        records = read_records(file)
+        if records is None:
             continue
         stats["files"] += 1
         parts = file.relative_to(corpus).parts

@@ -143,6 +143,19 @@ def corpus_files(path: str | Path, include_eval: bool = False) -> list[Path]:
     return files
 
 
+def read_records(file: Path) -> list | None:
+    """The records of one corpus file (JSON records, or the lines of a ``.txt``), or None
+    when it cannot be read: one unreadable file (a .json that is not JSON) must not sink
+    a corpus of hundreds, so it is named in the log and skipped."""
+    try:
+        if file.suffix == ".txt":
+            return file.read_text(encoding="utf-8").split("\n")
+        return list(_records_of_json_file(file))
+    except (CorpusError, UnicodeDecodeError) as exc:
+        log.warning("skipping %s: %s", file, exc)
+        return None
+
+
 def iter_documents(path: str | Path, include_eval: bool = False, simplify: bool = True) -> Iterator[Document]:
     """Yield every document with Chinese text under ``path``, simplified.
 
@@ -150,15 +163,8 @@ def iter_documents(path: str | Path, include_eval: bool = False, simplify: bool 
     are never used), so they are corpus like the rest.
     """
     for file in corpus_files(path, include_eval):
-        try:
-            if file.suffix == ".txt":
-                records: Iterable[object] = file.read_text(encoding="utf-8").split("\n")
-            else:
-                records = list(_records_of_json_file(file))
-        except (CorpusError, UnicodeDecodeError) as exc:
-            # One unreadable file (e.g. a .json that is not JSON) must not sink a
-            # corpus of hundreds: say which and go on.
-            log.warning("skipping %s: %s", file, exc)
+        records = read_records(file)
+        if records is None:
             continue
         for record in records:
             text = record.strip() if isinstance(record, str) else record_text(record)
@@ -175,14 +181,8 @@ def iter_idiom_questions(path: str | Path, include_eval: bool = False) -> Iterat
     filled in there, see :func:`record_text`). Unreadable files are skipped, as by
     :func:`iter_documents`."""
     for file in corpus_files(path, include_eval):
-        if file.suffix != ".json":
-            continue
-        try:
-            records = list(_records_of_json_file(file))
-        except (CorpusError, UnicodeDecodeError) as exc:
-            log.warning("skipping %s: %s", file, exc)
-            continue
-        for record in records:
+        records = read_records(file) if file.suffix == ".json" else None
+        for record in records or ():
             if not isinstance(record, dict):
                 continue
             content, candidates, answer = record.get("content"), record.get("candidates"), record.get("answer")
