@@ -594,15 +594,9 @@ class Engine:
 
     def _independent_logp(self, position_logp: np.ndarray, text: str) -> float | None:
         """The model's sum of per-position log-probabilities of ``text`` in an all-masked
-        blank of its length; None when the model cannot write it."""
-        n = position_logp.shape[0]
-        if n == 1:
-            t = self.char_token.get(text)
-            return None if t is None else float(position_logp[0, t])
-        tokens = self._tokens_of(text)
-        if tokens is None or len(tokens) != n:
-            return None
-        return float(sum(position_logp[k, t] for k, t in enumerate(tokens)))
+        blank of its length; None when the model cannot write it whole."""
+        value, missing = self._writable_logp(position_logp, text)
+        return value if missing == 0 else None
 
     def _writable_logp(self, position_logp: np.ndarray, text: str) -> tuple[float | None, int]:
         """The model's sum of per-position log-probabilities over the characters of
@@ -611,13 +605,12 @@ class Engine:
         three, and the fit weighs each missing character; scoring it 0 instead (as the
         model's ln p of a whole filler it cannot write) let such fillers win 4-character
         blanks, where the model's ln p of an ordinary filler is around -16."""
-        if position_logp.shape[0] == 1 or len(text) != position_logp.shape[0]:
-            value = self._independent_logp(position_logp, text)
-            return value, 0 if value is not None else len(text)
+        if len(text) != position_logp.shape[0]:
+            return None, len(text)
         total, missing = 0.0, 0
         for k, ch in enumerate(text):
-            t = self.char_token.get(ch)
-            if t is None or not np.isfinite(position_logp[k, t]):
+            t = self.char_token.get(ch)  # never an invalid token: their ln p is -inf
+            if t is None:
                 missing += 1
             else:
                 total += float(position_logp[k, t])

@@ -48,6 +48,13 @@ def is_han_char(ch: str) -> bool:
     return "\u3400" <= ch <= "\u4dbf" or "\u4e00" <= ch <= "\u9fff" or "\uf900" <= ch <= "\ufaff"
 
 
+def cue(counts: np.ndarray, total: float, shares: np.ndarray, alpha: float) -> float:
+    """``assoc`` of one idiom: ``counts`` of the query's characters near it, ``total``
+    characters near it in all, the characters' ``shares`` of the corpus (the formula in
+    the module docstring; shared with the builder's expectation-maximisation)."""
+    return float(np.log((counts + alpha * shares) / ((total + alpha) * shares)).sum() / SCALE)
+
+
 class QueryChars(NamedTuple):
     """The distinct Han characters near a blank that the corpus has, with their shares."""
 
@@ -122,9 +129,7 @@ class IdiomContext:
         chars, codes = self._chars[lo:hi], self._codes[lo:hi]
         pos = np.searchsorted(chars, near.codes).clip(0, hi - lo - 1)
         counts = np.where(chars[pos] == near.codes, self._levels[codes[pos]], 0.0)
-        prior = self.alpha * near.shares
-        ratio = (counts + prior) / ((float(self._totals[i]) + self.alpha) * near.shares)
-        return float(np.log(ratio).sum() / SCALE)
+        return cue(counts, float(self._totals[i]), near.shares, self.alpha)
 
     def scores(self, words: Iterable[str], left_text: str, right_text: str) -> list[float]:
         """:meth:`score` of each word for the blank between ``left_text`` and ``right_text``."""

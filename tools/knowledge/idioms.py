@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from edge.idiom_context import SCALE, is_han_char
+from edge.idiom_context import cue, is_han_char
 from tools import ToolError
 from tools.knowledge.args import check_bundle_folder, open_bundle_file
 
@@ -61,29 +60,29 @@ EM_ITERATIONS, EM_TEMPERATURE, MIN_SOFT_COUNT = 3, 4.18, 0.25
 COUNT_LEVELS = 256  # counts are stored as one byte: an index into a geometric table of levels
 
 
+def is_idiom(word: str) -> bool:
+    """Whether ``word`` is four Han characters (an LM word counted as an idiom, or a
+    candidate of an idiom question)."""
+    return len(word) == IDIOM_CHARS and all(is_han_char(ch) for ch in word)
+
+
 def idioms_of_lm(lm) -> set[str]:
     """The word LM's four-character words made of Han characters."""
-    return {w for w in (lm.words[i] for i in range(len(lm.words)))
-            if len(w) == IDIOM_CHARS and all(is_han_char(ch) for ch in w)}
-
-
-def is_idiom(word: str) -> bool:
-    """Whether ``word`` is four Han characters (a candidate of an idiom question)."""
-    return len(word) == IDIOM_CHARS and all(is_han_char(ch) for ch in word)
+    return {w for w in (lm.words[i] for i in range(len(lm.words))) if is_idiom(w)}
 
 
 def _han_counts(text: str) -> Counter:
     return Counter(ch for ch in text if is_han_char(ch) and ord(ch) < 0x10000)
 
 
-def _assoc(word: str, near_chars: list[str], shares: list[float], counts: dict, totals: dict,
+def _assoc(word: str, near_chars: list[str], shares: np.ndarray, counts: dict, totals: dict,
            occurrences: dict, alpha: float) -> float:
-    """The cue of :class:`edge.idiom_context.IdiomContext` from counts in memory."""
+    """The cue of :class:`edge.idiom_context.IdiomContext` from counts in memory (0 for an
+    idiom seen less than once, which the file will not hold)."""
     if occurrences.get(word, 0.0) < 1.0:
         return 0.0
-    seen, total = counts[word], totals[word]
-    return sum(math.log((seen.get(q, 0.0) + alpha * p) / ((total + alpha) * p))
-               for q, p in zip(near_chars, shares)) / SCALE
+    seen = counts[word]
+    return cue(np.array([seen.get(q, 0.0) for q in near_chars]), totals[word], shares, alpha)
 
 
 def soft_counts(questions: list, near: dict, occurrences: Counter, share: dict, alpha: float,
@@ -101,7 +100,7 @@ def soft_counts(questions: list, near: dict, occurrences: Counter, share: dict, 
         for candidates, chars in questions:
             # Distinct characters the corpus has, in a fixed order: the same bytes every time.
             near_chars = sorted(ch for ch in chars if ch in share)
-            shares = [share[ch] for ch in near_chars]
+            shares = np.array([share[ch] for ch in near_chars])
             scores = np.array([temperature * _assoc(c, near_chars, shares, counts, totals, occ, alpha)
                                for c in candidates])
             posterior = np.exp(scores - scores.max())
