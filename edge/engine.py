@@ -196,6 +196,8 @@ def _top_indices(values: np.ndarray, k: int) -> np.ndarray:
     maxima of 64-value blocks is a lower bound on the k-th largest value (k blocks hold
     a value at least that large), so only the values at or above it are sorted."""
     n = len(values)
+    if k <= 0:
+        return np.empty(0, dtype=np.intp)
     if k >= n:
         picked = np.arange(n)
     else:

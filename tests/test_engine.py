@@ -538,3 +538,4 @@ def test_top_indices_equal_a_stable_full_sort():
         k = int(rng.integers(1, 30))
         want = np.lexsort((np.arange(n), -values))[:k]
         assert _top_indices(values, k).tolist() == want.tolist(), (trial, n, k)
+    assert _top_indices(np.zeros(5), 0).tolist() == []  # nothing asked, nothing picked

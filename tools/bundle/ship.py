@@ -68,7 +68,7 @@ def accuracy_block(evaluation: dict, bundle: Path) -> dict:
 def run(args: argparse.Namespace) -> int:
     """Copy, annotate, reload."""
     from edge.bundle import BundleError, load_bundle
-    from edge.manifest import MODEL_FILE, TOKENIZER_FILE, Manifest
+    from edge.manifest import MODEL_FILE, TOKENIZER_FILE
 
     try:
         source = load_bundle(args.bundle)

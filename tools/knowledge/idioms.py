@@ -192,9 +192,10 @@ def build_idioms(corpus: Path, idioms: set[str], out_file: Path, test_fraction: 
     for w in words:
         entries = sorted(counts[w].items())
         values = np.array([n for _, n in entries])
+        log_values = np.log(values)
         # The nearest level in log terms (a relative error of at most half a step).
-        index = np.searchsorted(log_levels, np.log(values)).clip(1, COUNT_LEVELS - 1)
-        lower_is_nearer = np.log(values) - log_levels[index - 1] < log_levels[index] - np.log(values)
+        index = np.searchsorted(log_levels, log_values).clip(1, COUNT_LEVELS - 1)
+        lower_is_nearer = log_values - log_levels[index - 1] < log_levels[index] - log_values
         chars.extend(c for c, _ in entries)
         codes.extend((index - lower_is_nearer).tolist())
         totals.append(float(values.sum()))
